@@ -1,0 +1,1 @@
+"""edgemm exporters (the top-level export/ folder, installed as edgemm.export)."""

@@ -1,0 +1,1 @@
+"""edgemm runtime adapters (the top-level runtimes/ folder, installed as edgemm.runtimes)."""
