@@ -1,0 +1,265 @@
+"""The `edgemm` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import EdgemmError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="edgemm: compress, export and run multimodal LLMs on phones and laptops.")
+data_app = typer.Typer(no_args_is_help=True, help="Make datasets.")
+app.add_typer(data_app, name="data")
+out = Console()
+err = Console(stderr=True)
+
+MODEL_HELP = "demo, demo-small, an edgemm checkpoint directory or a Hugging Face LLaVA directory"
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+def _threads(threads: Optional[int]) -> None:
+    import torch
+
+    torch.set_num_threads(threads or min(2, os.cpu_count() or 1))
+
+
+# ----------------------------------------------------------------------------------------------- info
+
+
+@app.command()
+def info(model: str = typer.Argument(..., help=MODEL_HELP), as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """Architecture, parameters and bytes per component."""
+    from .models import load_model
+    from .models.checkpoint import component_bytes
+
+    lm = load_model(model)
+    cfg = lm.config
+    params = {c: sum(p.numel() for n, p in lm.model.named_parameters() if n.startswith(c + ".")) for c in ("vision", "projector", "text")}
+    nbytes = component_bytes(lm.model)
+    report = {
+        "model": model,
+        "architecture": "EdgeVLM",
+        "vision": {"image_size": cfg.vision.image_size, "patch_size": cfg.vision.patch_size, "hidden_size": cfg.vision.hidden_size,
+                   "layers": cfg.vision.num_layers, "heads": cfg.vision.num_heads, "feature_layer": cfg.vision_feature_layer,
+                   "blocks_run": cfg.feature_layer_index, "visual_tokens": cfg.num_visual_tokens},
+        "text": {"vocab_size": cfg.text.vocab_size, "hidden_size": cfg.text.hidden_size, "layers": cfg.text.num_layers,
+                 "heads": cfg.text.num_heads, "kv_heads": cfg.text.num_kv_heads, "head_dim": cfg.text.head_dim,
+                 "intermediate_size": cfg.text.intermediate_size, "context": cfg.text.max_position_embeddings},
+        "parameters": {**params, "total": sum(params.values())},
+        "bytes": {**nbytes, "total": sum(nbytes.values())},
+    }
+    if as_json:
+        _print_json(report)
+        return
+    t = Table(title=f"{model}: EdgeVLM")
+    for col in ("component", "parameters", "bytes", "shape"):
+        t.add_column(col, justify="right" if col != "shape" else "left")
+    v, x = report["vision"], report["text"]
+    shapes = {
+        "vision": f"ViT {v['image_size']}px/{v['patch_size']}, d={v['hidden_size']}, {v['layers']} blocks ({v['blocks_run']} run), {v['heads']} heads",
+        "projector": f"MLP {cfg.vision.hidden_size}->{cfg.text.hidden_size}->{cfg.text.hidden_size}, {cfg.projector.hidden_act}",
+        "text": f"Llama d={x['hidden_size']}, {x['layers']} layers, {x['heads']}/{x['kv_heads']} heads x {x['head_dim']}, ffn {x['intermediate_size']}, vocab {x['vocab_size']}",
+    }
+    for c in ("vision", "projector", "text"):
+        t.add_row(c, f"{params[c]:,}", f"{nbytes.get(c, 0):,}", shapes[c])
+    t.add_row("total", f"{report['parameters']['total']:,}", f"{report['bytes']['total']:,}", f"{v['visual_tokens']} visual tokens per image")
+    out.print(t)
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+@app.command()
+def run(model: str = typer.Argument(..., help=MODEL_HELP),
+        image: Optional[Path] = typer.Option(None, "--image", help="PNG/JPEG image (omit for text only)"),
+        prompt: str = typer.Option(..., "--prompt", help="the question"),
+        max_new_tokens: int = typer.Option(32, help="stop after this many tokens"),
+        temperature: float = typer.Option(0.0, help="0 = greedy"),
+        top_k: int = typer.Option(0, help="sample among the k most likely tokens (0 = off)"),
+        top_p: float = typer.Option(1.0, help="nucleus sampling mass (1 = off)"),
+        seed: Optional[int] = typer.Option(None, help="sampling seed"),
+        runtime: str = typer.Option("torch", help="runtime"),
+        threads: Optional[int] = typer.Option(None, help="CPU threads (default 2)"),
+        as_json: bool = typer.Option(False, "--json", help="print JSON with timings")):
+    """Answer one question about an image."""
+    from . import runtimes
+    from .processor import load_image
+
+    if not prompt.strip():
+        raise EdgemmError("the prompt is empty")
+    img = load_image(image) if image is not None else None
+    _threads(threads)
+    sess = runtimes.load(model, runtime=runtime)
+    opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if as_json:
+        answer = sess.generate(img, prompt, **opts)
+        _print_json({"model": model, "runtime": runtime, "prompt": prompt, "image": str(image) if image else None,
+                     "answer": answer, "timings": sess.stats})
+        return
+    for piece in sess.generate(img, prompt, stream=True, **opts):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+# ----------------------------------------------------------------------------------------------- eval
+
+
+@app.command("eval")
+def eval_cmd(model: str = typer.Argument(..., help=MODEL_HELP),
+             data: str = typer.Option(..., "--data", help="dataset directory, or shapes:N:SEED to generate on the fly"),
+             limit: Optional[int] = typer.Option(None, help="evaluate only the first N records"),
+             batch_size: int = typer.Option(64, help="questions per batch"),
+             predictions: Optional[Path] = typer.Option(None, help="write each record plus its prediction (JSONL)"),
+             runtime: str = typer.Option("torch", help="runtime"),
+             threads: Optional[int] = typer.Option(None, help="CPU threads (default 2)"),
+             as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
+    """Exact-match accuracy, overall and per question type."""
+    from . import runtimes
+    from .data import load_dataset
+    from .eval import evaluate
+
+    if limit is not None and limit < 1:
+        raise EdgemmError("--limit must be >= 1")
+    if batch_size < 1:
+        raise EdgemmError("--batch-size must be >= 1")
+    ds = load_dataset(data, limit)
+    _threads(threads)
+    sess = runtimes.load(model, runtime=runtime)
+    rep = evaluate(sess, ds, model, batch_size=batch_size, quiet=as_json, predictions=predictions)
+    if as_json:
+        _print_json(rep)
+        return
+    t = Table(title=f"{model} on {ds.name} ({rep['n']} questions, {rep['runtime']})")
+    t.add_column("type")
+    t.add_column("accuracy", justify="right")
+    for k, v in rep["per_type"].items():
+        t.add_row(k, f"{100 * v:.2f}%")
+    t.add_row("[bold]all", f"[bold]{100 * rep['accuracy']:.2f}%")
+    out.print(t)
+    out.print(f"{rep['questions_per_s']} questions/s")
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@data_app.command("shapes")
+def data_shapes(out_dir: Path = typer.Argument(..., help="directory to write (images/ and data.jsonl)"),
+                n: int = typer.Option(2000, "--n", help="number of questions"),
+                seed: int = typer.Option(0, "--seed", help="random seed"),
+                as_json: bool = typer.Option(False, "--json", help="print a JSON summary")):
+    """Write a shapes-task dataset (spec v1, deterministic for a seed)."""
+    from .data import write_shapes
+    from .progress import progress
+
+    with progress(n, f"writing {out_dir}", quiet=as_json) as bar:
+        write_shapes(out_dir, n, seed, progress=bar.advance)
+    if as_json:
+        _print_json({"out": str(out_dir), "n": n, "seed": seed})
+    else:
+        out.print(f"wrote {n} questions to {out_dir}")
+
+
+# ------------------------------------------------------------------------------------------ train-demo
+
+
+@app.command("train-demo")
+def train_demo_cmd(out_dir: Optional[Path] = typer.Option(None, "--out", help="where to write the models (default: the package's built-in models)"),
+                   models: str = typer.Option("demo,demo-small", help="comma-separated: demo, demo-small"),
+                   work_dir: Path = typer.Option(Path("runs/train-demo"), help="resumable training state"),
+                   seed: int = typer.Option(0, help="random seed"),
+                   vision_steps: Optional[int] = typer.Option(None, help="override the vision pre-training steps"),
+                   vlm_steps: Optional[int] = typer.Option(None, help="override the VLM training steps"),
+                   threads: Optional[int] = typer.Option(None, help="CPU threads (default 2)"),
+                   as_json: bool = typer.Option(False, "--json", help="print the training report as JSON")):
+    """Train the demo models (seeded, CPU) and write them as edgemm checkpoints."""
+    from .models import builtin_path
+    from .train.demo import DemoRecipe, train_demo
+
+    names = tuple(m.strip() for m in models.split(",") if m.strip())
+    bad = [m for m in names if m not in ("demo", "demo-small")]
+    if bad or not names:
+        raise EdgemmError(f"--models takes demo and/or demo-small, got {models!r}")
+    recipe = DemoRecipe(seed=seed)
+    if vision_steps is not None:
+        recipe.vision_steps = vision_steps
+    if vlm_steps is not None:
+        recipe.vlm_steps = vlm_steps
+    if recipe.vision_steps < 1 or recipe.vlm_steps < 1:
+        raise EdgemmError("step counts must be >= 1")
+    _threads(threads)
+    root = out_dir if out_dir is not None else builtin_path("demo").parent
+    rep = train_demo(root, names, recipe, work_dir, quiet=as_json)
+    if as_json:
+        _print_json(rep)
+    else:
+        for n in names:
+            out.print(f"{n}: {rep[n]['params']:,} parameters, {rep[n]['steps']} steps in {rep[n]['wall_s']:.0f} s -> {root / n}")
+        out.print(f"vision pre-training: {rep['vision_pretrain']['steps']} steps in {rep['vision_pretrain']['wall_s']:.0f} s; total {rep['total_wall_s']:.0f} s")
+
+
+# ----------------------------------------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(n: int = typer.Option(300, help="questions in the accuracy check"),
+         seed: int = typer.Option(2024, help="seed of the demo questions"),
+         as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """A tour on the built-in demo model: answer a few questions about shapes images, then measure."""
+    from .demo import run_demo
+
+    rep = run_demo(n=n, seed=seed, console=None if as_json else out)
+    if as_json:
+        _print_json(rep)
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = os.environ.get("EDGEMM_DEBUG") == "1"
+    try:
+        app(args=argv, standalone_mode=False)
+        return 0
+    except EdgemmError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except SystemExit as e:
+        return int(e.code or 0)
+    except Exception as e:  # usage errors from typer's (vendored) click, and anything unexpected
+        kind = type(e).__name__
+        if kind == "Exit":
+            return int(getattr(e, "exit_code", 0))
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):
+            if e.format_message():  # (no-args help raises one with no message)
+                err.print(f"[red]error:[/red] {e.format_message()}", highlight=False, soft_wrap=True)
+            return int(e.exit_code) or 2
+        if kind == "Abort":
+            err.print("aborted")
+            return 130
+        if debug:
+            raise
+        err.print(f"[red]error:[/red] {type(e).__name__}: {e} (set EDGEMM_DEBUG=1 for a traceback)", highlight=False, soft_wrap=True)
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,16 @@
+// Run-time CPU feature detection (cpuid + xgetbv on x86, HWCAP / sysctl on aarch64).
+#pragma once
+
+namespace edgemm {
+
+struct CpuFeatures {
+  // x86
+  bool avx2 = false, fma = false, f16c = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+  bool avx512vnni = false, avx512vbmi = false, avxvnni = false;
+  // aarch64
+  bool neon = false, dotprod = false;
+};
+const CpuFeatures& cpu_features();
+
+}  // namespace edgemm

@@ -1,0 +1,327 @@
+// Public entry points: argument validation, work splitting over the thread pool, ISA dispatch.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <new>
+
+#include "cpu_features.h"
+#include "isa_impl.h"
+#include "layout.h"
+
+namespace edgemm {
+namespace kernels {
+
+using layout::round_up;
+
+#define EDGEMM_CHECK(cond) \
+  do {                     \
+    if (!(cond)) return Status::kInvalidArgument; \
+  } while (0)
+#define EDGEMM_ALLOC(buf, n, zero) \
+  do {                             \
+    if (!(buf).resize((n), (zero))) return Status::kOutOfMemory; \
+  } while (0)
+
+// ---------------------------------------------------------------------------------------------------
+// ISA selection
+// ---------------------------------------------------------------------------------------------------
+namespace impl {
+#if !defined(EDGEMM_HAVE_AVX2)
+const KernelTable* table_avx2() { return nullptr; }
+#endif
+#if !defined(EDGEMM_HAVE_AVX512)
+const KernelTable* table_avx512() { return nullptr; }
+#endif
+#if !defined(EDGEMM_HAVE_NEON)
+const KernelTable* table_neon() { return nullptr; }
+#endif
+
+namespace {
+const KernelTable* table_for(Isa isa) {
+  const CpuFeatures& f = cpu_features();
+  switch (isa) {
+    case Isa::kScalar: return table_scalar();
+    case Isa::kAvx2: return (f.avx2 && f.fma && f.f16c) ? table_avx2() : nullptr;
+    case Isa::kAvx512Vnni:
+      return (f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni && f.fma && f.f16c)
+                 ? table_avx512()
+                 : nullptr;
+    case Isa::kNeonDot: return (f.neon && f.dotprod) ? table_neon() : nullptr;
+  }
+  return nullptr;
+}
+std::atomic<const KernelTable*> g_table{nullptr};
+}  // namespace
+
+const KernelTable& active_table() {
+  const KernelTable* t = g_table.load(std::memory_order_acquire);
+  if (!t) {
+    t = table_for(best_isa());
+    g_table.store(t, std::memory_order_release);
+  }
+  return *t;
+}
+}  // namespace impl
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar: return "scalar";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512Vnni: return "avx512_vnni";
+    case Isa::kNeonDot: return "neon_dotprod";
+  }
+  return "unknown";
+}
+
+Isa best_isa() {
+  for (Isa i : {Isa::kAvx512Vnni, Isa::kNeonDot, Isa::kAvx2})
+    if (impl::table_for(i)) return i;
+  return Isa::kScalar;
+}
+
+Isa active_isa() { return impl::active_table().isa; }
+
+Status set_isa(Isa isa) {
+  const impl::KernelTable* t = impl::table_for(isa);
+  if (!t) return Status::kUnsupported;
+  impl::g_table.store(t, std::memory_order_release);
+  return Status::kOk;
+}
+
+std::vector<Isa> available_isas() {
+  std::vector<Isa> v;
+  for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512Vnni, Isa::kNeonDot})
+    if (impl::table_for(i)) v.push_back(i);
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// W8A8
+// ---------------------------------------------------------------------------------------------------
+Status w8a8_quantize(const float* x, int64_t M, int64_t K, int64_t ldx, float s_a, W8A8Act* out,
+                     ThreadPool* pool) {
+  EDGEMM_CHECK(x && out && M > 0 && K > 0 && ldx >= K && s_a > 0 && std::isfinite(s_a));
+  if (K > 65536) return Status::kOverflow;
+  W8A8Act& a = *out;
+  a.M = M;
+  a.K = K;
+  a.Mp = round_up(M, 8);
+  a.Kp = round_up(K, 4);
+  a.scale = s_a;
+  EDGEMM_ALLOC(a.data, size_t(a.Mp * a.Kp), false);
+  EDGEMM_ALLOC(a.row_sum, size_t(a.Mp), false);
+  // Padding rows of the last tile: code 0 (byte 128).
+  for (int64_t r = M; r < a.Mp; ++r) {
+    uint8_t* tile = a.data.data() + (r / 8) * a.Kp * 8 + (r % 8) * 4;
+    for (int64_t k4 = 0; k4 < a.Kp / 4; ++k4)
+      for (int j = 0; j < 4; ++j) tile[k4 * 32 + j] = 128;
+    a.row_sum[r] = 0;
+  }
+  const impl::KernelTable& t = impl::active_table();
+  const int nt = pool_threads(pool);
+  try {
+    std::vector<std::vector<Outlier>> parts(static_cast<size_t>(nt));
+    parallel_for(pool, M, 8, [&](int64_t r0, int64_t r1, int tid) {
+      t.w8a8_quant(x, ldx, K, s_a, a.data.data(), a.Kp, a.row_sum.data(), r0, r1, &parts[tid]);
+    });
+    a.outliers.clear();
+    for (auto& p : parts) a.outliers.insert(a.outliers.end(), p.begin(), p.end());
+  } catch (const std::bad_alloc&) {
+    return Status::kOutOfMemory;
+  }
+  return Status::kOk;
+}
+
+Status w8a8_gemm(const W8A8Act& a, const W8A8Weights& w, const float* bias, float* y, int64_t ldy,
+                 bool accumulate, ThreadPool* pool) {
+  EDGEMM_CHECK(y && a.M > 0 && w.N > 0 && a.K == w.K && a.Kp == w.Kp && ldy >= w.N);
+  EDGEMM_CHECK(a.data.size() >= size_t(a.Mp * a.Kp) && w.data.size() >= size_t(w.Np * w.Kp));
+  impl::W8A8GemmArgs g{a.data.data(), w.data.data(), w.col_sum.data(), w.weight_scale.data(), bias,
+                       a.scale, a.M, w.N, a.Mp, w.Np, w.Kp, y, ldy, accumulate};
+  const impl::KernelTable& t = impl::active_table();
+  parallel_for(pool, w.Np / 16, 3, [&](int64_t p0, int64_t p1, int) { t.w8a8_gemm(g, p0, p1); });
+  return Status::kOk;
+}
+
+Status w8a8_shadow(const W8A8Act& a, const W8A8Weights& w, float* y, int64_t ldy, ThreadPool* pool) {
+  EDGEMM_CHECK(y && a.K == w.K && ldy >= w.N);
+  if (a.outliers.empty()) return Status::kOk;
+  for (const Outlier& o : a.outliers) EDGEMM_CHECK(o.m >= 0 && o.m < a.M && o.k >= 0 && o.k < w.K);
+  impl::ShadowArgs s{a.outliers.data(), static_cast<int64_t>(a.outliers.size()), &w, y, ldy};
+  const impl::KernelTable& t = impl::active_table();
+  parallel_for(pool, w.Np, 64, [&](int64_t n0, int64_t n1, int) { t.w8a8_shadow(s, n0, n1); });
+  return Status::kOk;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Weight-only
+// ---------------------------------------------------------------------------------------------------
+Status woq_quantize(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t QB, WoqAct* out,
+                    ThreadPool* pool) {
+  EDGEMM_CHECK(x && out && M > 0 && K > 0 && ldx >= K);
+  EDGEMM_CHECK((QB == 32 || QB == 64 || QB == 128) && K % QB == 0);
+  WoqAct& a = *out;
+  a.M = M;
+  a.K = K;
+  a.QB = QB;
+  const int64_t nb = K / QB;
+  EDGEMM_ALLOC(a.q, size_t(M * K), false);
+  EDGEMM_ALLOC(a.d, size_t(M * nb), false);
+  EDGEMM_ALLOC(a.asum, size_t(M * nb), false);
+  const impl::KernelTable& t = impl::active_table();
+  int64_t grain = std::max<int64_t>(1, 16384 / K);
+  parallel_for(pool, M, grain, [&](int64_t r0, int64_t r1, int) {
+    for (int64_t r = r0; r < r1; ++r)
+      t.woq_quant_row(x + r * ldx, K, QB, a.q.data() + r * K, a.d.data() + r * nb,
+                      a.asum.data() + r * nb);
+  });
+  return Status::kOk;
+}
+
+Status woq_gemm(const WoqAct& a, const WoqWeights& w, const float* bias, float* y, int64_t ldy,
+                ThreadPool* pool) {
+  EDGEMM_CHECK(y && a.M > 0 && w.N > 0 && a.K == w.K && ldy >= w.N && a.QB == woq_act_block(w.G));
+  EDGEMM_CHECK(w.data.size() >= woq_bytes(w));
+  const impl::KernelTable& t = impl::active_table();
+  impl::WoqGemmFn fn;
+  if (w.format == WFormat::kInt4)
+    fn = w.sparse24 ? t.woq_int4_sp : t.woq_int4;
+  else
+    fn = w.sparse24 ? t.woq_int8_sp : t.woq_int8;
+  impl::WoqGemmArgs g{&a, &w, bias, y, ldy};
+  parallel_for(pool, w.Np / 16, 1, [&](int64_t b0, int64_t b1, int) { fn(g, b0, b1); });
+  return Status::kOk;
+}
+
+Status woq_linear(const float* x, int64_t M, int64_t ldx, const WoqWeights& w, const float* bias,
+                  float* y, int64_t ldy, WoqAct* scratch, ThreadPool* pool) {
+  EDGEMM_CHECK(scratch);
+  Status s = woq_quantize(x, M, w.K, ldx, woq_act_block(w.G), scratch, pool);
+  if (s != Status::kOk) return s;
+  return woq_gemm(*scratch, w, bias, y, ldy, pool);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// fp32 GEMM
+// ---------------------------------------------------------------------------------------------------
+Status f32_gemm(const float* x, int64_t M, int64_t ldx, const F32Weights& w, const float* bias,
+                float* y, int64_t ldy, bool accumulate, ThreadPool* pool) {
+  EDGEMM_CHECK(x && y && M > 0 && w.N > 0 && ldx >= w.K && ldy >= w.N);
+  EDGEMM_CHECK(w.data.size() >= size_t(w.Np * w.K));
+  impl::F32GemmArgs g{x, M, w.K, ldx, &w, bias, y, ldy, accumulate};
+  const impl::KernelTable& t = impl::active_table();
+  parallel_for(pool, w.Np / 16, 3, [&](int64_t p0, int64_t p1, int) { t.f32_gemm(g, p0, p1); });
+  return Status::kOk;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Elementwise
+// ---------------------------------------------------------------------------------------------------
+namespace {
+int64_t row_grain(int64_t dim) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(dim, 1)); }
+}  // namespace
+
+Status rmsnorm(const float* x, int64_t ldx, const float* weight, float* y, int64_t ldy, int64_t rows,
+               int64_t dim, float eps, ThreadPool* pool) {
+  EDGEMM_CHECK(x && y && rows > 0 && dim > 0 && ldx >= dim && ldy >= dim && eps >= 0);
+  const impl::KernelTable& t = impl::active_table();
+  parallel_for(pool, rows, row_grain(dim), [&](int64_t r0, int64_t r1, int) {
+    for (int64_t r = r0; r < r1; ++r) t.rmsnorm_row(x + r * ldx, weight, y + r * ldy, dim, eps);
+  });
+  return Status::kOk;
+}
+
+Status layernorm(const float* x, int64_t ldx, const float* gamma, const float* beta, float* y,
+                 int64_t ldy, int64_t rows, int64_t dim, float eps, ThreadPool* pool) {
+  EDGEMM_CHECK(x && y && rows > 0 && dim > 0 && ldx >= dim && ldy >= dim && eps >= 0);
+  const impl::KernelTable& t = impl::active_table();
+  parallel_for(pool, rows, row_grain(dim), [&](int64_t r0, int64_t r1, int) {
+    for (int64_t r = r0; r < r1; ++r)
+      t.layernorm_row(x + r * ldx, gamma, beta, y + r * ldy, dim, eps);
+  });
+  return Status::kOk;
+}
+
+Status softmax(float* x, int64_t ld, int64_t rows, int64_t n, ThreadPool* pool) {
+  EDGEMM_CHECK(x && rows > 0 && n > 0 && ld >= n);
+  const impl::KernelTable& t = impl::active_table();
+  parallel_for(pool, rows, row_grain(n), [&](int64_t r0, int64_t r1, int) {
+    for (int64_t r = r0; r < r1; ++r) t.softmax_row(x + r * ld, n);
+  });
+  return Status::kOk;
+}
+
+namespace {
+Status unary(impl::UnaryFn fn, const float* x, float* y, int64_t n, ThreadPool* pool) {
+  EDGEMM_CHECK(x && y && n >= 0);
+  parallel_for(pool, n, 16384, [&](int64_t i0, int64_t i1, int) { fn(x + i0, y + i0, i1 - i0); });
+  return Status::kOk;
+}
+}  // namespace
+
+Status silu(const float* x, float* y, int64_t n, ThreadPool* pool) {
+  return unary(impl::active_table().silu, x, y, n, pool);
+}
+Status gelu_erf(const float* x, float* y, int64_t n, ThreadPool* pool) {
+  return unary(impl::active_table().gelu_erf, x, y, n, pool);
+}
+Status gelu_tanh(const float* x, float* y, int64_t n, ThreadPool* pool) {
+  return unary(impl::active_table().gelu_tanh, x, y, n, pool);
+}
+
+Status swiglu(const float* gate, int64_t ldg, const float* up, int64_t ldu, float* y, int64_t ldy,
+              int64_t rows, int64_t n, ThreadPool* pool) {
+  EDGEMM_CHECK(gate && up && y && rows > 0 && n > 0 && ldg >= n && ldu >= n && ldy >= n);
+  const impl::KernelTable& t = impl::active_table();
+  if (rows == 1) {
+    parallel_for(pool, n, 16384, [&](int64_t i0, int64_t i1, int) {
+      t.swiglu(gate + i0, up + i0, y + i0, i1 - i0);
+    });
+    return Status::kOk;
+  }
+  parallel_for(pool, rows, row_grain(n), [&](int64_t r0, int64_t r1, int) {
+    for (int64_t r = r0; r < r1; ++r) t.swiglu(gate + r * ldg, up + r * ldu, y + r * ldy, n);
+  });
+  return Status::kOk;
+}
+
+Status rope_apply(float* x, int64_t ld, int64_t rows, int64_t n_heads, int64_t head_dim,
+                  const int32_t* positions, const RopeTable& table, ThreadPool* pool) {
+  EDGEMM_CHECK(x && positions && rows > 0 && n_heads > 0 && head_dim > 0);
+  EDGEMM_CHECK(table.rot_dim > 0 && table.rot_dim <= head_dim && ld >= n_heads * head_dim);
+  for (int64_t r = 0; r < rows; ++r) EDGEMM_CHECK(positions[r] >= 0 && positions[r] < table.max_pos);
+  const impl::KernelTable& t = impl::active_table();
+  const int64_t half = table.rot_dim / 2;
+  parallel_for(pool, rows, row_grain(n_heads * head_dim), [&](int64_t r0, int64_t r1, int) {
+    for (int64_t r = r0; r < r1; ++r)
+      t.rope_row(x + r * ld, n_heads, head_dim, half, table.cos.data() + positions[r] * half,
+                 table.sin.data() + positions[r] * half);
+  });
+  return Status::kOk;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Attention
+// ---------------------------------------------------------------------------------------------------
+Status attention(const AttentionArgs& a, ThreadPool* pool) {
+  EDGEMM_CHECK(a.q && a.k && a.v && a.out && a.n_q > 0 && a.n_kv > 0 && a.q_pos0 >= 0);
+  EDGEMM_CHECK(a.n_heads > 0 && a.n_kv_heads > 0 && a.n_heads % a.n_kv_heads == 0);
+  EDGEMM_CHECK(a.head_dim > 0 && a.head_dim <= 256 && std::isfinite(a.scale));
+  EDGEMM_CHECK(a.q_ld >= a.n_heads * a.head_dim && a.out_ld >= a.n_heads * a.head_dim);
+  EDGEMM_CHECK(a.k_ld >= a.head_dim && a.v_ld >= a.head_dim);
+  EDGEMM_CHECK(a.k_head_stride >= 0 && a.v_head_stride >= 0);
+  const impl::KernelTable& t = impl::active_table();
+  const int64_t rows_per_task = 32;
+  const int64_t row_tasks = (a.n_q + rows_per_task - 1) / rows_per_task;
+  const int64_t n_tasks = a.n_kv_heads * row_tasks;
+  // Later row blocks (more keys under the causal mask) first, for load balance.
+  parallel_for_dynamic(pool, n_tasks, [&](int64_t i, int) {
+    int64_t kvh = i % a.n_kv_heads, rb = row_tasks - 1 - i / a.n_kv_heads;
+    int64_t i0 = rb * rows_per_task, i1 = std::min(a.n_q, i0 + rows_per_task);
+    t.attn_task(a, kvh, i0, i1);
+  });
+  return Status::kOk;
+}
+
+}  // namespace kernels
+}  // namespace edgemm

@@ -1,0 +1,111 @@
+// Internal: the per-ISA kernel table. Entry points in dispatch.cpp validate arguments, split work over
+// the thread pool and call these; every entry of every table is implemented (an ISA file fills what it
+// accelerates and takes the portable versions for the rest).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels.h"
+
+namespace edgemm {
+namespace kernels {
+namespace impl {
+
+struct W8A8GemmArgs {
+  const uint8_t* a;        // packed activations [Mp/8][Kp/4][8][4] (code + 128)
+  const int8_t* w;         // packed weights [Np/16][Kp/4][16][4]
+  const int32_t* col_sum;  // [Np]
+  const float* wscale;     // [Np]
+  const float* bias;       // [N] or null
+  float s_a;
+  int64_t M, N, Mp, Np, Kp;
+  float* y;
+  int64_t ldy;
+  bool accumulate;
+};
+// Computes the output columns of 16-column panels [p0, p1) for all rows.
+using W8A8GemmFn = void (*)(const W8A8GemmArgs&, int64_t p0, int64_t p1);
+// Quantizes rows [r0, r1) (r0 a multiple of 8) into the packed layout, writes row_sum, appends clipped
+// elements (sorted by m, k) to *outliers.
+using W8A8QuantFn = void (*)(const float* x, int64_t ldx, int64_t K, float s_a, uint8_t* packed,
+                             int64_t Kp, int32_t* row_sum, int64_t r0, int64_t r1,
+                             std::vector<Outlier>* outliers);
+struct ShadowArgs {
+  const Outlier* outliers;
+  int64_t n_outliers;
+  const W8A8Weights* w;
+  float* y;
+  int64_t ldy;
+};
+// Adds the outlier contributions to output columns [n0, n1) (n0 a multiple of 16).
+using ShadowFn = void (*)(const ShadowArgs&, int64_t n0, int64_t n1);
+
+struct WoqGemmArgs {
+  const WoqAct* a;
+  const WoqWeights* w;
+  const float* bias;
+  float* y;
+  int64_t ldy;
+};
+// Computes output rows of 16-row blocks [b0, b1) for all activation rows.
+using WoqGemmFn = void (*)(const WoqGemmArgs&, int64_t b0, int64_t b1);
+using WoqQuantRowFn = void (*)(const float* x, int64_t K, int64_t QB, int8_t* q, float* d,
+                              int32_t* asum);
+
+struct F32GemmArgs {
+  const float* x;
+  int64_t M, K, ldx;
+  const F32Weights* w;
+  const float* bias;
+  float* y;
+  int64_t ldy;
+  bool accumulate;
+};
+// Computes 16-column panels [p0, p1) for all rows (uses thread-local scratch).
+using F32GemmFn = void (*)(const F32GemmArgs&, int64_t p0, int64_t p1);
+
+// Elementwise (per row / per span)
+using RmsNormRowFn = void (*)(const float* x, const float* w, float* y, int64_t dim, float eps);
+using LayerNormRowFn = void (*)(const float* x, const float* g, const float* b, float* y, int64_t dim,
+                                float eps);
+using SoftmaxRowFn = void (*)(float* x, int64_t n);
+using UnaryFn = void (*)(const float* x, float* y, int64_t n);
+using SwigluFn = void (*)(const float* g, const float* u, float* y, int64_t n);
+using RopeRowFn = void (*)(float* x, int64_t n_heads, int64_t head_dim, int64_t half, const float* cos,
+                           const float* sin);
+// Attention for one task: kv head `kvh`, query rows [i0, i1) of every q-head of the group.
+using AttnTaskFn = void (*)(const AttentionArgs&, int64_t kvh, int64_t i0, int64_t i1);
+
+struct KernelTable {
+  Isa isa;
+  W8A8QuantFn w8a8_quant;
+  W8A8GemmFn w8a8_gemm;
+  ShadowFn w8a8_shadow;
+  WoqQuantRowFn woq_quant_row;
+  WoqGemmFn woq_int4;
+  WoqGemmFn woq_int8;
+  WoqGemmFn woq_int4_sp;
+  WoqGemmFn woq_int8_sp;
+  F32GemmFn f32_gemm;
+  RmsNormRowFn rmsnorm_row;
+  LayerNormRowFn layernorm_row;
+  SoftmaxRowFn softmax_row;
+  UnaryFn silu;
+  UnaryFn gelu_erf;
+  UnaryFn gelu_tanh;
+  SwigluFn swiglu;
+  RopeRowFn rope_row;
+  AttnTaskFn attn_task;
+};
+
+// Per-ISA tables (null when not compiled in).
+const KernelTable* table_scalar();
+const KernelTable* table_avx2();
+const KernelTable* table_avx512();
+const KernelTable* table_neon();
+const KernelTable& active_table();
+
+}  // namespace impl
+}  // namespace kernels
+}  // namespace edgemm

@@ -1,0 +1,108 @@
+#include "thread_pool.h"
+
+#include <chrono>
+#include <cstdlib>
+
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#include <immintrin.h>
+#define EDGEMM_CPU_RELAX() _mm_pause()
+#elif defined(__aarch64__)
+#define EDGEMM_CPU_RELAX() __asm__ __volatile__("yield")
+#else
+#define EDGEMM_CPU_RELAX() ((void)0)
+#endif
+
+namespace edgemm {
+namespace {
+thread_local bool t_in_job = false;
+
+template <class Pred>
+bool spin_until(Pred pred, int spin_us) {
+  if (spin_us <= 0) return pred();
+  auto t0 = std::chrono::steady_clock::now();
+  for (;;) {
+    for (int i = 0; i < 64; ++i) {
+      if (pred()) return true;
+      EDGEMM_CPU_RELAX();
+    }
+    if (std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(spin_us)) return pred();
+  }
+}
+}  // namespace
+
+bool ThreadPool::in_job() { return t_in_job; }
+
+ThreadPool::ThreadPool(int n_threads, int spin_us) {
+  if (n_threads <= 0) {
+    unsigned hc = std::thread::hardware_concurrency();
+    n_threads = hc ? static_cast<int>(hc) : 1;
+  }
+  if (spin_us < 0) {
+    const char* e = std::getenv("EDGEMM_SPIN_US");
+    spin_us = e ? std::atoi(e) : 100;
+    if (spin_us < 0) spin_us = 0;
+  }
+  n_threads_ = n_threads;
+  spin_us_ = spin_us;
+  workers_.reserve(n_threads - 1);
+  for (int t = 1; t < n_threads; ++t) workers_.emplace_back(&ThreadPool::worker_main, this, t);
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lk(mutex_);
+    stop_.store(true, std::memory_order_release);
+    generation_.fetch_add(1, std::memory_order_acq_rel);
+  }
+  cv_.notify_all();
+  for (auto& w : workers_) w.join();
+}
+
+void ThreadPool::worker_main(int tid) {
+  uint64_t seen = 0;
+  for (;;) {
+    auto fresh = [&] { return generation_.load(std::memory_order_acquire) != seen; };
+    if (!spin_until(fresh, spin_us_)) {
+      std::unique_lock<std::mutex> lk(mutex_);
+      cv_.wait(lk, fresh);
+    }
+    seen = generation_.load(std::memory_order_acquire);
+    if (stop_.load(std::memory_order_acquire)) return;
+    t_in_job = true;
+    fn_(ctx_, tid, n_threads_);
+    t_in_job = false;
+    if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      std::lock_guard<std::mutex> lk(mutex_);
+      done_cv_.notify_one();
+    }
+  }
+}
+
+void ThreadPool::run(TaskFn fn, void* ctx) {
+  if (n_threads_ <= 1 || t_in_job) {
+    bool was = t_in_job;
+    t_in_job = true;
+    for (int t = 0; t < n_threads_; ++t) fn(ctx, t, n_threads_);
+    t_in_job = was;
+    return;
+  }
+  std::lock_guard<std::mutex> run_lk(run_mutex_);
+  {
+    std::lock_guard<std::mutex> lk(mutex_);
+    fn_ = fn;
+    ctx_ = ctx;
+    pending_.store(n_threads_ - 1, std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_acq_rel);
+  }
+  cv_.notify_all();
+  t_in_job = true;
+  fn(ctx, 0, n_threads_);
+  t_in_job = false;
+  auto done = [&] { return pending_.load(std::memory_order_acquire) == 0; };
+  if (!spin_until(done, spin_us_ * 50 + 1000)) {
+    std::unique_lock<std::mutex> lk(mutex_);
+    done_cv_.wait(lk, done);
+  }
+}
+
+}  // namespace edgemm

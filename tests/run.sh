@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test command: set up .venv with everything the tests need (idempotent), then run pytest.
+# Extra arguments go to pytest, e.g. `bash tests/run.sh -k hf_import`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${EDGEMM_VENV:-.venv}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+"${PIP[@]}" install -q --upgrade pip
+# torch first, exactly the CPU build on this machine's disk (an unpinned torch pulls a multi-GB CUDA build)
+"${PIP[@]}" install -q torch==2.13.0
+"${PIP[@]}" install -q -e '.[all]'
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+exec "$VENV/bin/python" -m pytest "$@"
