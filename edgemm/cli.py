@@ -224,6 +224,23 @@ def demo(n: int = typer.Option(300, help="questions in the accuracy check"),
         _print_json(rep)
 
 
+# ------------------------------------------------------------------------------------ more commands
+
+# Each feature area registers its own commands: a module with `register(app)` (imports inside the
+# command functions, so that `edgemm --help` stays fast and torch-free).
+COMMAND_MODULES: list[str] = []
+
+
+def _register() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(app)
+
+
+_register()
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 
