@@ -21,17 +21,18 @@ app.add_typer(data_app, name="data")
 out = Console()
 err = Console(stderr=True)
 
-MODEL_HELP = "demo, demo-small, an edgemm checkpoint directory or a Hugging Face LLaVA directory"
+MODEL_HELP = "demo, demo-small, an edgemm checkpoint directory, a Hugging Face LLaVA directory, or (run/eval) an exported bundle"
 
 
 def _print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
 
-def _threads(threads: Optional[int]) -> None:
-    import torch
-
-    torch.set_num_threads(threads or min(2, os.cpu_count() or 1))
+def _threads(threads: Optional[int]) -> int:
+    """CPU threads for a command: the option, else 2 (this project's benchmark setting), capped by the CPUs."""
+    if threads is not None and threads < 1:
+        raise EdgemmError("--threads must be >= 1")
+    return threads or min(2, os.cpu_count() or 1)
 
 
 # ----------------------------------------------------------------------------------------------- info
@@ -89,7 +90,7 @@ def run(model: str = typer.Argument(..., help=MODEL_HELP),
         top_k: int = typer.Option(0, help="sample among the k most likely tokens (0 = off)"),
         top_p: float = typer.Option(1.0, help="nucleus sampling mass (1 = off)"),
         seed: Optional[int] = typer.Option(None, help="sampling seed"),
-        runtime: str = typer.Option("torch", help="runtime"),
+        runtime: Optional[str] = typer.Option(None, help="torch (models) or onnxruntime, executorch, llamacpp, native (bundles); default: torch for a model, the bundle's own runtime for a bundle"),
         threads: Optional[int] = typer.Option(None, help="CPU threads (default 2)"),
         as_json: bool = typer.Option(False, "--json", help="print JSON with timings")):
     """Answer one question about an image."""
@@ -99,12 +100,11 @@ def run(model: str = typer.Argument(..., help=MODEL_HELP),
     if not prompt.strip():
         raise EdgemmError("the prompt is empty")
     img = load_image(image) if image is not None else None
-    _threads(threads)
-    sess = runtimes.load(model, runtime=runtime)
+    sess = runtimes.load(model, runtime=runtime, threads=_threads(threads))
     opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if as_json:
         answer = sess.generate(img, prompt, **opts)
-        _print_json({"model": model, "runtime": runtime, "prompt": prompt, "image": str(image) if image else None,
+        _print_json({"model": model, "runtime": sess.runtime, "prompt": prompt, "image": str(image) if image else None,
                      "answer": answer, "timings": sess.stats})
         return
     for piece in sess.generate(img, prompt, stream=True, **opts):
@@ -122,7 +122,7 @@ def eval_cmd(model: str = typer.Argument(..., help=MODEL_HELP),
              limit: Optional[int] = typer.Option(None, help="evaluate only the first N records"),
              batch_size: int = typer.Option(64, help="questions per batch"),
              predictions: Optional[Path] = typer.Option(None, help="write each record plus its prediction (JSONL)"),
-             runtime: str = typer.Option("torch", help="runtime"),
+             runtime: Optional[str] = typer.Option(None, help="torch (models) or onnxruntime, executorch, llamacpp, native (bundles); default: torch for a model, the bundle's own runtime for a bundle"),
              threads: Optional[int] = typer.Option(None, help="CPU threads (default 2)"),
              as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Exact-match accuracy, overall and per question type."""
@@ -135,8 +135,7 @@ def eval_cmd(model: str = typer.Argument(..., help=MODEL_HELP),
     if batch_size < 1:
         raise EdgemmError("--batch-size must be >= 1")
     ds = load_dataset(data, limit)
-    _threads(threads)
-    sess = runtimes.load(model, runtime=runtime)
+    sess = runtimes.load(model, runtime=runtime, threads=_threads(threads))
     rep = evaluate(sess, ds, model, batch_size=batch_size, quiet=as_json, predictions=predictions)
     if as_json:
         _print_json(rep)
@@ -149,6 +148,33 @@ def eval_cmd(model: str = typer.Argument(..., help=MODEL_HELP),
     t.add_row("[bold]all", f"[bold]{100 * rep['accuracy']:.2f}%")
     out.print(t)
     out.print(f"{rep['questions_per_s']} questions/s")
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+@app.command()
+def export(model: str = typer.Argument(..., help=MODEL_HELP),
+           target: str = typer.Option(..., "--target", help="gguf, onnx, executorch, coreml, laptop, android-cpu, android-npu or ios"),
+           out_dir: Path = typer.Option(..., "-o", "--out", help="bundle directory to write"),
+           precision: Optional[str] = typer.Option(None, help="format-specific precision (e.g. f16, q8_0, q4_0 for gguf; fp32, int8, int4 for onnx)"),
+           as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON")):
+    """Export a model to a bundle (manifest.json + artifacts) for a format or a device target."""
+    from .export import export as do_export
+
+    opts = {"precision": precision} if precision else {}
+    manifest = do_export(model, target, out_dir, **opts)
+    if as_json:
+        _print_json(manifest)
+        return
+    t = Table(title=f"{out_dir} ({target})")
+    for c in ("artifact", "role", "format", "precision", "lane", "runtime", "MB"):
+        t.add_column(c)
+    for a in manifest["artifacts"]:
+        t.add_row(a["file"], a["role"], a["format"], a["precision"], a["lane"], a.get("runtime", ""), f"{a['bytes'] / 1e6:.2f}")
+    out.print(t)
+    for n in manifest.get("notes", []):
+        out.print(f"note: {n}")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -198,7 +224,9 @@ def train_demo_cmd(out_dir: Optional[Path] = typer.Option(None, "--out", help="w
         recipe.vlm_steps = vlm_steps
     if recipe.vision_steps < 1 or recipe.vlm_steps < 1:
         raise EdgemmError("step counts must be >= 1")
-    _threads(threads)
+    import torch
+
+    torch.set_num_threads(_threads(threads))
     root = out_dir if out_dir is not None else builtin_path("demo").parent
     rep = train_demo(root, names, recipe, work_dir, quiet=as_json)
     if as_json:

@@ -65,3 +65,14 @@ class Session(ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+
+def bundle_processor(bundle, manifest: dict):
+    """The Processor (tokenizer, template, image preprocessing) a bundle describes; no torch needed."""
+    from pathlib import Path
+
+    from edgemm.models.config import VLMConfig
+    from edgemm.processor import Processor
+
+    cfg = VLMConfig.from_dict(manifest["model"]["config"])
+    return Processor.from_file(Path(bundle) / manifest["tokenizer"]["file"], cfg)
