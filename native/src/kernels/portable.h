@@ -18,6 +18,7 @@ namespace {
 
 using namespace edgemm;
 using namespace edgemm::kernels;
+using namespace edgemm::kernels::impl;
 
 // ------------------------------------------------------------------------------------------------
 // Vectorizable math (fp-contract is off library-wide, so these give the same bits on every ISA that

@@ -147,10 +147,11 @@ void softmax(float* x, int64_t rows, int64_t n) {
 }
 
 float silu(float x) { return float(double(x) / (1.0 + std::exp(-double(x)))); }
-float gelu_erf(float x) { return float(0.5 * x * (1.0 + std::erf(double(x) / std::sqrt(2.0)))); }
+// Written without the cancellation of 1 + erf / 1 + tanh for large negative x.
+float gelu_erf(float x) { return float(0.5 * x * std::erfc(-double(x) / std::sqrt(2.0))); }
 float gelu_tanh(float x) {
   double u = std::sqrt(2.0 / M_PI) * (x + 0.044715 * double(x) * x * x);
-  return float(0.5 * x * (1.0 + std::tanh(u)));
+  return float(double(x) / (1.0 + std::exp(-2.0 * u)));  // = 0.5 x (1 + tanh(u))
 }
 
 void rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, int64_t rot_dim,

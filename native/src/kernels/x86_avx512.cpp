@@ -1,0 +1,480 @@
+// AVX-512 (F/BW/VL/DQ) + VNNI kernels. Compiled with -mavx512{f,bw,vl,dq,vnni}; only called when
+// cpuid reports those features. The 2:4 sparse kernels (which need VBMI) are in x86_avx512_vbmi.cpp.
+#include <immintrin.h>
+
+#include "portable.h"
+#include "x86_avx512_common.h"
+
+namespace edgemm {
+namespace kernels {
+namespace impl {
+namespace {
+
+// ------------------------------------------------------------------------------------------------
+// W8A8 activation quantization into the [Mp/8][Kp/4][8][4] tile layout
+// ------------------------------------------------------------------------------------------------
+void w8a8_quant(const float* x, int64_t ldx, int64_t K, float s_a, uint8_t* packed, int64_t Kp,
+                int32_t* row_sum, int64_t r0, int64_t r1, std::vector<Outlier>* outliers) {
+  const __m512 vs = _mm512_set1_ps(s_a);
+  const __m512 lo = _mm512_set1_ps(-256.0f), hi = _mm512_set1_ps(256.0f);
+  const __m512i cmin = _mm512_set1_epi32(-128), cmax = _mm512_set1_epi32(127);
+  const __m512i c128 = _mm512_set1_epi32(128);
+  // Transpose 8 rows x 4 dwords (one 16-byte vector per row) into 4 k4-chunks x 8 rows.
+  const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+  const __m512i perm2 = _mm512_add_epi32(perm, _mm512_set1_epi32(2));
+  std::vector<Outlier> row_out[8];
+  for (int64_t t0 = r0 - r0 % 8; t0 < r1; t0 += 8) {
+    uint8_t* tile = packed + (t0 / 8) * Kp * 8;
+    const int nrows = static_cast<int>(std::min<int64_t>(8, r1 - t0));
+    __m512i rsum[8];
+    for (int r = 0; r < 8; ++r) rsum[r] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 16) {
+      const int64_t rem = K - k;
+      const __mmask16 lm = rem >= 16 ? __mmask16(0xffff) : __mmask16((1u << rem) - 1);
+      __m128i bytes[8];
+      for (int r = 0; r < 8; ++r) {
+        if (r >= nrows) {
+          bytes[r] = _mm_set1_epi8(char(128));
+          continue;
+        }
+        const float* xr = x + (t0 + r) * ldx + k;
+        __m512 xv = _mm512_maskz_loadu_ps(lm, xr);
+        __m512 q = _mm512_div_ps(xv, vs);
+        q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
+        __m512i c = _mm512_cvtps_epi32(q);  // MXCSR default: round to nearest even
+        __mmask16 clip = _mm512_cmpgt_epi32_mask(c, cmax) | _mm512_cmplt_epi32_mask(c, cmin);
+        c = _mm512_min_epi32(_mm512_max_epi32(c, cmin), cmax);
+        if (clip) {
+          alignas(64) int32_t cc[16];
+          _mm512_store_si512(cc, c);
+          for (int l = 0; l < 16; ++l)
+            if ((clip >> l) & 1)
+              row_out[r].push_back({static_cast<int32_t>(t0 + r), static_cast<int32_t>(k + l),
+                                    xr[l] - static_cast<float>(cc[l]) * s_a});
+        }
+        rsum[r] = _mm512_add_epi32(rsum[r], c);
+        bytes[r] = _mm512_cvtepi32_epi8(_mm512_add_epi32(c, c128));
+      }
+      __m512i za = _mm512_inserti32x4(_mm512_castsi128_si512(bytes[0]), bytes[1], 1);
+      za = _mm512_inserti32x4(za, bytes[2], 2);
+      za = _mm512_inserti32x4(za, bytes[3], 3);
+      __m512i zb = _mm512_inserti32x4(_mm512_castsi128_si512(bytes[4]), bytes[5], 1);
+      zb = _mm512_inserti32x4(zb, bytes[6], 2);
+      zb = _mm512_inserti32x4(zb, bytes[7], 3);
+      __m512i o0 = _mm512_permutex2var_epi32(za, perm, zb);   // chunks k/4, k/4+1
+      __m512i o1 = _mm512_permutex2var_epi32(za, perm2, zb);  // chunks k/4+2, k/4+3
+      uint8_t* dst = tile + (k / 4) * 32;
+      const int64_t chunks = std::min<int64_t>(4, (Kp - k) / 4);
+      if (chunks == 4) {
+        _mm512_storeu_si512(dst, o0);
+        _mm512_storeu_si512(dst + 64, o1);
+      } else {
+        const __mmask16 m0 = chunks >= 2 ? __mmask16(0xffff) : __mmask16(0x00ff);
+        _mm512_mask_storeu_epi32(dst, m0, o0);
+        if (chunks > 2) _mm512_mask_storeu_epi32(dst + 64, __mmask16(0x00ff), o1);
+      }
+    }
+    for (int r = 0; r < nrows; ++r) {
+      row_sum[t0 + r] = _mm512_reduce_add_epi32(rsum[r]);
+      if (!row_out[r].empty()) {
+        outliers->insert(outliers->end(), row_out[r].begin(), row_out[r].end());
+        row_out[r].clear();
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// W8A8 GEMM: 8 rows x NP panels (16 columns each) micro-kernel, full K in registers.
+// ------------------------------------------------------------------------------------------------
+template <int NP>
+EDGEMM_INLINE void w8a8_micro(const uint8_t* a, const int8_t* w, int64_t pstride, int64_t k4n,
+                              __m512i (&acc)[8][3]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < 8; ++r)
+#pragma GCC unroll 3
+    for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_setzero_si512();
+  const int8_t* w1 = w + pstride;
+  const int8_t* w2 = w + 2 * pstride;
+  for (int64_t k4 = 0; k4 < k4n; ++k4) {
+    __m512i b0 = _mm512_load_si512(w + k4 * 64);
+    __m512i b1 = NP > 1 ? _mm512_load_si512(w1 + k4 * 64) : b0;
+    __m512i b2 = NP > 2 ? _mm512_load_si512(w2 + k4 * 64) : b0;
+    const int32_t* ap = reinterpret_cast<const int32_t*>(a + k4 * 32);
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) {
+      __m512i av = _mm512_set1_epi32(ap[r]);
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, b0);
+      if (NP > 1) acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, b1);
+      if (NP > 2) acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], av, b2);
+    }
+  }
+}
+
+template <int NP>
+void w8a8_panels(const W8A8GemmArgs& g, int64_t p) {
+  const int64_t pstride = g.Kp * 16, k4n = g.Kp / 4;
+  const int8_t* w = g.w + p * pstride;
+  __m512 scale[3], bias[3];
+  __m512i corr[3];
+  __mmask16 nmask[3];
+  const __m512 sa = _mm512_set1_ps(g.s_a);
+  for (int q = 0; q < NP; ++q) {
+    const int64_t n0 = (p + q) * 16;
+    scale[q] = _mm512_mul_ps(sa, _mm512_loadu_ps(g.wscale + n0));
+    corr[q] = _mm512_slli_epi32(_mm512_loadu_si512(g.col_sum + n0), 7);
+    const int64_t rem = g.N - n0;
+    nmask[q] = rem >= 16 ? __mmask16(0xffff) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1);
+    bias[q] = g.bias ? _mm512_maskz_loadu_ps(nmask[q], g.bias + n0) : _mm512_setzero_ps();
+  }
+  __m512i acc[8][3];
+  for (int64_t t = 0; t < g.Mp / 8; ++t) {
+    w8a8_micro<NP>(g.a + t * g.Kp * 8, w, pstride, k4n, acc);
+    const int rows = static_cast<int>(std::min<int64_t>(8, g.M - t * 8));
+    for (int r = 0; r < rows; ++r) {
+      float* y = g.y + (t * 8 + r) * g.ldy;
+      for (int q = 0; q < NP; ++q) {
+        __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][q], corr[q]));
+        v = _mm512_fmadd_ps(v, scale[q], bias[q]);
+        float* yp = y + (p + q) * 16;
+        if (g.accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(nmask[q], yp));
+        _mm512_mask_storeu_ps(yp, nmask[q], v);
+      }
+    }
+  }
+}
+
+void w8a8_gemm(const W8A8GemmArgs& g, int64_t p0, int64_t p1) {
+  int64_t p = p0;
+  for (; p + 3 <= p1; p += 3) w8a8_panels<3>(g, p);
+  if (p1 - p == 2) w8a8_panels<2>(g, p);
+  if (p1 - p == 1) w8a8_panels<1>(g, p);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Shadow outliers: y[m, n0:n1] += r * W[:, k] * s_w
+// ------------------------------------------------------------------------------------------------
+void w8a8_shadow(const ShadowArgs& s, int64_t n0, int64_t n1) {
+  const W8A8Weights& w = *s.w;
+  n1 = std::min(n1, w.N);
+  for (int64_t i = 0; i < s.n_outliers; ++i) {
+    const Outlier& o = s.outliers[i];
+    float* y = s.y + int64_t(o.m) * s.ldy;
+    const __m512 r = _mm512_set1_ps(o.residual);
+    const int32_t hi = w.hot_index.empty() ? -1 : w.hot_index[o.k];
+    const int shift = 24 - 8 * (o.k % 4);
+    const __m128i vshift = _mm_cvtsi32_si128(shift);
+    for (int64_t n = n0; n < n1; n += 16) {
+      const int64_t rem = n1 - n;
+      const __mmask16 m = rem >= 16 ? __mmask16(0xffff) : __mmask16((1u << rem) - 1);
+      __m512 col;
+      if (hi >= 0) {
+        col = _mm512_maskz_loadu_ps(m, w.hot_cols.data() + int64_t(hi) * w.Np + n);
+      } else {
+        const int8_t* src = w.data.data() + (n / 16) * w.Kp * 16 + (o.k / 4) * 64;
+        __m512i v = _mm512_load_si512(src);
+        v = _mm512_sra_epi32(_mm512_sll_epi32(v, vshift), _mm_cvtsi32_si128(24));
+        col = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_loadu_ps(w.weight_scale.data() + n));
+      }
+      __m512 yv = _mm512_maskz_loadu_ps(m, y + n);
+      _mm512_mask_storeu_ps(y + n, m, _mm512_add_ps(yv, _mm512_mul_ps(r, col)));
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Weight-only activation quantization
+// ------------------------------------------------------------------------------------------------
+void woq_quant_row(const float* x, int64_t K, int64_t QB, int8_t* q, float* d, int32_t* asum) {
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t b = 0; b * QB < K; ++b) {
+    const float* xb = x + b * QB;
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t i = 0; i < QB; i += 16)
+      mx = _mm512_max_ps(mx, _mm512_and_ps(_mm512_loadu_ps(xb + i), absmask));
+    const float amax = _mm512_reduce_max_ps(mx);
+    d[b] = amax / 127.0f;
+    const __m512 id = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+    __m512i s = _mm512_setzero_si512();
+    for (int64_t i = 0; i < QB; i += 16) {
+      __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), id));
+      s = _mm512_add_epi32(s, c);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * QB + i), _mm512_cvtepi32_epi8(c));
+    }
+    asum[b] = _mm512_reduce_add_epi32(s);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Weight-only dense GEMV / GEMM over 16-row blocks. MT activation rows share each unpacked chunk.
+// ------------------------------------------------------------------------------------------------
+template <bool kInt4, int MT>
+EDGEMM_INLINE void woq_dense_rows(const WoqGemmArgs& g, const uint8_t* base, int64_t blk, int64_t m0) {
+  const WoqWeights& w = *g.w;
+  const WoqAct& a = *g.a;
+  const int64_t G = w.G, QB = a.QB, ngroups = w.K / G, nb = w.K / QB, bpg = G / QB;
+  const int64_t wbytes = layout::woq_weight_bytes(w.format, false, G);
+  const int32_t zsym = kInt4 ? 8 : 128;
+  const __m512i nib = _mm512_set1_epi8(0x0f);
+  const int8_t* q[MT];
+  const float* d[MT];
+  const int32_t* as[MT];
+  __m512 facc[MT];
+  for (int i = 0; i < MT; ++i) {
+    q[i] = a.q.data() + (m0 + i) * w.K;
+    d[i] = a.d.data() + (m0 + i) * nb;
+    as[i] = a.asum.data() + (m0 + i) * nb;
+    facc[i] = _mm512_setzero_ps();
+  }
+  for (int64_t gi = 0; gi < ngroups; ++gi) {
+    const uint8_t* gp = base + gi * w.group_bytes;
+    _mm_prefetch(reinterpret_cast<const char*>(gp + 2048), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(gp + 2048 + 64), _MM_HINT_T0);
+    const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gp + wbytes)));
+    __m512i zv = _mm512_set1_epi32(zsym);
+    if (w.has_zeros)
+      zv = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gp + wbytes + 32)));
+    __m512 tsum[MT];
+    for (int i = 0; i < MT; ++i) tsum[i] = _mm512_setzero_ps();
+    for (int64_t bb = 0; bb < bpg; ++bb) {
+      const int64_t b = gi * bpg + bb;
+      const int64_t k0 = b * QB;
+      __m512i acc0[MT], acc1[MT];
+      for (int i = 0; i < MT; ++i) acc0[i] = acc1[i] = _mm512_setzero_si512();
+      if (kInt4) {
+        const uint8_t* cp = gp + bb * (QB / 8) * 64;
+        for (int64_t c = 0; c < QB / 8; ++c) {
+          const __m512i v = _mm512_loadu_si512(cp + c * 64);
+          const __m512i lo = _mm512_and_si512(v, nib);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+          for (int i = 0; i < MT; ++i) {
+            const int32_t* qa = reinterpret_cast<const int32_t*>(q[i] + k0 + c * 8);
+            acc0[i] = _mm512_dpbusd_epi32(acc0[i], lo, _mm512_set1_epi32(qa[0]));
+            acc1[i] = _mm512_dpbusd_epi32(acc1[i], hi, _mm512_set1_epi32(qa[1]));
+          }
+        }
+      } else {
+        const uint8_t* cp = gp + bb * (QB / 4) * 64;
+        for (int64_t c = 0; c < QB / 4; c += 2) {
+          const __m512i v0 = _mm512_loadu_si512(cp + c * 64);
+          const __m512i v1 = _mm512_loadu_si512(cp + c * 64 + 64);
+          for (int i = 0; i < MT; ++i) {
+            const int32_t* qa = reinterpret_cast<const int32_t*>(q[i] + k0 + c * 4);
+            acc0[i] = _mm512_dpbusd_epi32(acc0[i], v0, _mm512_set1_epi32(qa[0]));
+            acc1[i] = _mm512_dpbusd_epi32(acc1[i], v1, _mm512_set1_epi32(qa[1]));
+          }
+        }
+      }
+      for (int i = 0; i < MT; ++i) {
+        __m512i s = _mm512_add_epi32(acc0[i], acc1[i]);
+        s = _mm512_sub_epi32(s, _mm512_mullo_epi32(zv, _mm512_set1_epi32(as[i][b])));
+        tsum[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(d[i][b]), tsum[i]);
+      }
+    }
+    for (int i = 0; i < MT; ++i) facc[i] = _mm512_fmadd_ps(sc, tsum[i], facc[i]);
+  }
+  const int64_t n0 = blk * 16, rem = w.N - n0;
+  const __mmask16 m = rem >= 16 ? __mmask16(0xffff) : __mmask16((1u << rem) - 1);
+  const __m512 bias = g.bias ? _mm512_maskz_loadu_ps(m, g.bias + n0) : _mm512_setzero_ps();
+  for (int i = 0; i < MT; ++i)
+    _mm512_mask_storeu_ps(g.y + (m0 + i) * g.ldy + n0, m, _mm512_add_ps(facc[i], bias));
+}
+
+template <bool kInt4>
+void woq_dense(const WoqGemmArgs& g, int64_t b0, int64_t b1) {
+  const WoqWeights& w = *g.w;
+  const int64_t M = g.a->M;
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const uint8_t* base = w.data.data() + blk * w.block_bytes;
+    int64_t m0 = 0;
+    for (; m0 + 4 <= M; m0 += 4) woq_dense_rows<kInt4, 4>(g, base, blk, m0);
+    for (; m0 + 2 <= M; m0 += 2) woq_dense_rows<kInt4, 2>(g, base, blk, m0);
+    for (; m0 < M; ++m0) woq_dense_rows<kInt4, 1>(g, base, blk, m0);
+  }
+}
+void woq_int4(const WoqGemmArgs& g, int64_t b0, int64_t b1) { woq_dense<true>(g, b0, b1); }
+void woq_int8(const WoqGemmArgs& g, int64_t b0, int64_t b1) { woq_dense<false>(g, b0, b1); }
+
+// ------------------------------------------------------------------------------------------------
+// fp32 GEMM: K blocks of KC; A block packed [M/8][KC][8]; 8 x 48 register tile accumulated into y.
+// ------------------------------------------------------------------------------------------------
+constexpr int64_t kF32Kc = 128;
+
+template <int NP>
+EDGEMM_INLINE void f32_micro(const float* ap, const float* w, int64_t pstride, int64_t kc,
+                             __m512 (&acc)[8][3]) {
+  const float* w1 = w + pstride;
+  const float* w2 = w + 2 * pstride;
+  for (int64_t k = 0; k < kc; ++k) {
+    __m512 b0 = _mm512_load_ps(w + k * 16);
+    __m512 b1 = NP > 1 ? _mm512_load_ps(w1 + k * 16) : b0;
+    __m512 b2 = NP > 2 ? _mm512_load_ps(w2 + k * 16) : b0;
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) {
+      __m512 av = _mm512_set1_ps(ap[k * 8 + r]);
+      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+      if (NP > 1) acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+      if (NP > 2) acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
+    }
+  }
+}
+
+template <int NP>
+void f32_panels(const F32GemmArgs& g, const float* apack, int64_t p, int64_t kb, int64_t kc, bool first,
+                bool last) {
+  const F32Weights& w = *g.w;
+  const int64_t pstride = w.K * 16;
+  const float* wp = w.data.data() + p * pstride + kb * 16;
+  __mmask16 nmask[3];
+  __m512 bias[3];
+  for (int q = 0; q < NP; ++q) {
+    const int64_t rem = w.N - (p + q) * 16;
+    nmask[q] = rem >= 16 ? __mmask16(0xffff) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1);
+    bias[q] = (last && g.bias) ? _mm512_maskz_loadu_ps(nmask[q], g.bias + (p + q) * 16)
+                               : _mm512_setzero_ps();
+  }
+  const int64_t mt = (g.M + 7) / 8;
+  __m512 acc[8][3];
+  for (int64_t t = 0; t < mt; ++t) {
+    const int rows = static_cast<int>(std::min<int64_t>(8, g.M - t * 8));
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r)
+#pragma GCC unroll 3
+      for (int q = 0; q < NP; ++q) acc[r][q] = _mm512_setzero_ps();
+    f32_micro<NP>(apack + t * kc * 8, wp, pstride, kc, acc);
+    for (int r = 0; r < rows; ++r) {
+      float* y = g.y + (t * 8 + r) * g.ldy + p * 16;
+      for (int q = 0; q < NP; ++q) {
+        __m512 v = _mm512_add_ps(acc[r][q], bias[q]);
+        if (!first || g.accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(nmask[q], y + q * 16));
+        _mm512_mask_storeu_ps(y + q * 16, nmask[q], v);
+      }
+    }
+  }
+}
+
+void f32_gemm(const F32GemmArgs& g, int64_t p0, int64_t p1) {
+  thread_local AlignedBuffer<float> apack;
+  const int64_t mt = (g.M + 7) / 8;
+  if (!apack.resize(size_t(mt * 8 * kF32Kc))) return p_f32_gemm(g, p0, p1);
+  for (int64_t kb = 0; kb < g.K; kb += kF32Kc) {
+    const int64_t kc = std::min(kF32Kc, g.K - kb);
+    // Pack A[:, kb:kb+kc] as [tile][k][8 rows] (rows past M are zero).
+    for (int64_t t = 0; t < mt; ++t) {
+      float* dst = apack.data() + t * kc * 8;
+      for (int r = 0; r < 8; ++r) {
+        const int64_t m = t * 8 + r;
+        if (m < g.M) {
+          const float* src = g.x + m * g.ldx + kb;
+          for (int64_t k = 0; k < kc; ++k) dst[k * 8 + r] = src[k];
+        } else {
+          for (int64_t k = 0; k < kc; ++k) dst[k * 8 + r] = 0.0f;
+        }
+      }
+    }
+    const bool first = kb == 0, last = kb + kc >= g.K;
+    int64_t p = p0;
+    for (; p + 3 <= p1; p += 3) f32_panels<3>(g, apack.data(), p, kb, kc, first, last);
+    if (p1 - p == 2) f32_panels<2>(g, apack.data(), p, kb, kc, first, last);
+    if (p1 - p == 1) f32_panels<1>(g, apack.data(), p, kb, kc, first, last);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Elementwise: exp-based activations and softmax with a vector exp.
+// ------------------------------------------------------------------------------------------------
+void silu_n(const float* x, float* y, int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), v));
+    _mm512_mask_storeu_ps(y + i, m, _mm512_div_ps(v, _mm512_add_ps(one, e)));
+  }
+}
+void swiglu_n(const float* gt, const float* up, float* y, int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(m, gt + i);
+    __m512 u = _mm512_maskz_loadu_ps(m, up + i);
+    __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), v));
+    _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(_mm512_div_ps(v, _mm512_add_ps(one, e)), u));
+  }
+}
+void gelu_tanh_n(const float* x, float* y, int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.0f), c0 = _mm512_set1_ps(-2.0f * 0.7978845608028654f),
+               c1 = _mm512_set1_ps(0.044715f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    __m512 inner = _mm512_fmadd_ps(_mm512_mul_ps(c1, v), _mm512_mul_ps(v, v), v);
+    __m512 e = exp512(_mm512_mul_ps(c0, inner));
+    _mm512_mask_storeu_ps(y + i, m, _mm512_div_ps(v, _mm512_add_ps(one, e)));
+  }
+}
+void gelu_erf_n(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    __m512 e = erfc512(_mm512_mul_ps(_mm512_set1_ps(-0.70710678118654752f), v));
+    _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), e));
+  }
+}
+void softmax_row(float* x, int64_t n) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
+    mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, x + i));
+  }
+  float mv = _mm512_reduce_max_ps(mx);
+  if (mv == -INFINITY) mv = 0;
+  const __m512 vm = _mm512_set1_ps(mv);
+  __m512 s = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
+    __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vm));
+    e = _mm512_maskz_mov_ps(m, e);
+    s = _mm512_add_ps(s, e);
+    _mm512_mask_storeu_ps(x + i, m, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(s));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(x + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), inv));
+  }
+}
+
+}  // namespace
+
+// Defined in x86_avx512_attn.cpp-like section below (same TU).
+void avx512_attn_task(const AttentionArgs& a, int64_t kvh, int64_t i0, int64_t i1);
+
+const KernelTable* table_avx512() {
+  static const KernelTable t = [] {
+    KernelTable k = portable_table(Isa::kAvx512Vnni);
+    k.w8a8_quant = w8a8_quant;
+    k.w8a8_gemm = w8a8_gemm;
+    k.w8a8_shadow = w8a8_shadow;
+    k.woq_quant_row = woq_quant_row;
+    k.woq_int4 = woq_int4;
+    k.woq_int8 = woq_int8;
+    if (avx512_vbmi_supported()) {
+      k.woq_int4_sp = avx512vbmi_woq_int4_sparse;
+      k.woq_int8_sp = avx512vbmi_woq_int8_sparse;
+    }
+    k.f32_gemm = f32_gemm;
+    k.silu = silu_n;
+    k.swiglu = swiglu_n;
+    k.gelu_tanh = gelu_tanh_n;
+    k.gelu_erf = gelu_erf_n;
+    k.softmax_row = softmax_row;
+    k.attn_task = avx512_attn_task;
+    return k;
+  }();
+  return &t;
+}
+
+}  // namespace impl
+}  // namespace kernels
+}  // namespace edgemm
