@@ -35,6 +35,41 @@ def _threads(threads: Optional[int]) -> int:
     return threads or min(2, os.cpu_count() or 1)
 
 
+VT_HELP = ("visual-token compression METHOD:KEEP applied on top of the model, e.g. fastervlm:0.25 or divprune:16 "
+           "(keep: a ratio or a count; 'none' turns a stored setting off); see `edgemm tokens list`")
+
+
+def _session(model: str, runtime: Optional[str], threads: int, visual_tokens: Optional[str]):
+    """Open `model` in `runtime`; with --visual-tokens, the setting is stored in the loaded model's config."""
+    from . import runtimes
+
+    if visual_tokens is None:
+        return runtimes.load(model, runtime=runtime, threads=threads)
+    from .tokens import parse, set_visual_tokens
+
+    setting = parse(visual_tokens)  # bad syntax fails before anything loads
+    if runtimes.is_bundle(model):
+        raise EdgemmError("a bundle's visual-token setting is fixed when it is exported; export again with the setting")
+    if runtime not in (None, "torch"):
+        raise EdgemmError(f"runtime {runtime!r} runs exported bundles; export the model first (edgemm export)")
+    from .models import load_model
+
+    lm = load_model(model)
+    set_visual_tokens(lm, setting)
+    return runtimes.load(lm, runtime="torch", threads=threads)
+
+
+def _vt_info(sess) -> Optional[dict]:
+    """The visual-token setting of a torch session's model: {setting, tokens per image, of how many}."""
+    cfg = getattr(getattr(sess, "loaded", None), "config", None)
+    if cfg is None:
+        return None
+    from .tokens import get_setting, visual_token_count
+
+    s = get_setting(cfg)
+    return {"setting": s.to_dict() if s else None, "tokens": visual_token_count(cfg), "of": cfg.num_visual_tokens}
+
+
 # ----------------------------------------------------------------------------------------------- info
 
 
@@ -92,20 +127,20 @@ def run(model: str = typer.Argument(..., help=MODEL_HELP),
         seed: Optional[int] = typer.Option(None, help="sampling seed"),
         runtime: Optional[str] = typer.Option(None, help="torch (models) or onnxruntime, executorch, llamacpp, native (bundles); default: torch for a model, the bundle's own runtime for a bundle"),
         threads: Optional[int] = typer.Option(None, help="CPU threads (default 2)"),
+        visual_tokens: Optional[str] = typer.Option(None, "--visual-tokens", help=VT_HELP),
         as_json: bool = typer.Option(False, "--json", help="print JSON with timings")):
     """Answer one question about an image."""
-    from . import runtimes
     from .processor import load_image
 
     if not prompt.strip():
         raise EdgemmError("the prompt is empty")
     img = load_image(image) if image is not None else None
-    sess = runtimes.load(model, runtime=runtime, threads=_threads(threads))
+    sess = _session(model, runtime, _threads(threads), visual_tokens)
     opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if as_json:
         answer = sess.generate(img, prompt, **opts)
         _print_json({"model": model, "runtime": sess.runtime, "prompt": prompt, "image": str(image) if image else None,
-                     "answer": answer, "timings": sess.stats})
+                     "visual_tokens": _vt_info(sess), "answer": answer, "timings": sess.stats})
         return
     for piece in sess.generate(img, prompt, stream=True, **opts):
         sys.stdout.write(piece)
@@ -124,9 +159,9 @@ def eval_cmd(model: str = typer.Argument(..., help=MODEL_HELP),
              predictions: Optional[Path] = typer.Option(None, help="write each record plus its prediction (JSONL)"),
              runtime: Optional[str] = typer.Option(None, help="torch (models) or onnxruntime, executorch, llamacpp, native (bundles); default: torch for a model, the bundle's own runtime for a bundle"),
              threads: Optional[int] = typer.Option(None, help="CPU threads (default 2)"),
+             visual_tokens: Optional[str] = typer.Option(None, "--visual-tokens", help=VT_HELP),
              as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Exact-match accuracy, overall and per question type."""
-    from . import runtimes
     from .data import load_dataset
     from .eval import evaluate
 
@@ -135,8 +170,9 @@ def eval_cmd(model: str = typer.Argument(..., help=MODEL_HELP),
     if batch_size < 1:
         raise EdgemmError("--batch-size must be >= 1")
     ds = load_dataset(data, limit)
-    sess = runtimes.load(model, runtime=runtime, threads=_threads(threads))
+    sess = _session(model, runtime, _threads(threads), visual_tokens)
     rep = evaluate(sess, ds, model, batch_size=batch_size, quiet=as_json, predictions=predictions)
+    rep["visual_tokens"] = _vt_info(sess)
     if as_json:
         _print_json(rep)
         return
@@ -256,7 +292,7 @@ def demo(n: int = typer.Option(300, help="questions in the accuracy check"),
 
 # Each feature area registers its own commands: a module with `register(app)` (imports inside the
 # command functions, so that `edgemm --help` stays fast and torch-free).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["edgemm.tokens.cli", "edgemm.distill.cli"]
 
 
 def _register() -> None:

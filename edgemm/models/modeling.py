@@ -316,6 +316,9 @@ class ImageFeatures:
 
     embeds: torch.Tensor  # [B, K, D_text] projected visual tokens
     cls_attn: dict  # {vit block: [B, H, P]} [CLS]->patch attention of the requested blocks
+    # [B, K] index of each visual token in the uncompressed sequence (its representative patch for
+    # merged/pooled tokens); None when every visual token is kept.
+    token_index: torch.Tensor | None = None
 
 
 class EdgeVLM(nn.Module):
@@ -340,6 +343,13 @@ class EdgeVLM(nn.Module):
         return h, attns
 
     def encode_image(self, pixel_values: torch.Tensor, attn_layers=()) -> ImageFeatures:
+        """Projected visual tokens. With a visual-token setting in config.extras["visual_tokens"]
+        (e.g. {"method": "fastervlm", "keep": 0.25}), the tokens are compressed as edgemm.tokens
+        specifies (docs/tokens.md), so K < num_visual_tokens."""
+        if self.config.extras.get("visual_tokens"):
+            from ..tokens.apply import compress_image
+
+            return compress_image(self, pixel_values, self.config.extras["visual_tokens"], attn_layers)
         feats, attns = self.vision_features(pixel_values, attn_layers)
         return ImageFeatures(self.projector(feats), attns)
 
