@@ -66,8 +66,10 @@ uint16_t fp32_to_fp16(float f);  // round to nearest even
 //             y[m,n] += sum over those elements of r[m,k] * (qw[n,k] * s_w[n])     (fp32)
 // AVX-512 VNNI computes the u8 x s8 product as (code+128) x qw and subtracts 128 * colsum(qw[n,:]) (exact).
 
-// Packed int8 weights: panels of 16 output channels, [Np/16][Kp/4][16][4] int8, Np = N rounded up to 16,
-// Kp = K rounded up to 4 (padding is zero). Per-channel scale and column sums kept alongside.
+// Packed int8 weights: panels of 16 output channels, [Kp/4][16][4] int8 each (Np = N rounded up to 16,
+// Kp = K rounded up to 4, padding zero); panels are grouped in threes (the last group may hold 1 or 2)
+// and a group is interleaved per k4 step: [group][Kp/4][panel in group][16][4] (see layout.h), so one
+// micro-kernel step reads 192 contiguous bytes. Per-channel scale and column sums kept alongside.
 struct W8A8Weights {
   int64_t N = 0, K = 0, Np = 0, Kp = 0;
   AlignedBuffer<int8_t> data;         // packed codes

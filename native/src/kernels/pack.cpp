@@ -107,11 +107,12 @@ Status w8a8_pack(const int8_t* qweight, int64_t ldw, const float* weight_scale, 
   EDGEMM_ALLOC(w.weight_scale, size_t(w.Np), true);
   EDGEMM_ALLOC(w.col_sum, size_t(w.Np), true);
   for (int64_t n = 0; n < N; ++n) {
-    int8_t* panel = w.data.data() + (n / 16) * w.Kp * 16 + (n % 16) * 4;
+    const layout::W8A8PanelPos pp = layout::w8a8_panel(n / 16, w.Kp, w.Np);
+    int8_t* panel = w.data.data() + pp.base + (n % 16) * 4;
     int32_t s = 0;
     for (int64_t k = 0; k < K; ++k) {
       int8_t q = qweight[n * ldw + k];
-      panel[(k / 4) * 64 + (k % 4)] = q;
+      panel[(k / 4) * pp.k4_stride + (k % 4)] = q;
       s += q;
     }
     w.col_sum[n] = s;

@@ -222,7 +222,8 @@ void p_w8a8_epilogue(const W8A8GemmArgs& g, int64_t m, int64_t n0, const int32_t
 
 void p_w8a8_gemm(const W8A8GemmArgs& g, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; ++p) {
-    const int8_t* wp = g.w + p * g.Kp * 16;
+    const layout::W8A8PanelPos pp = layout::w8a8_panel(p, g.Kp, g.Np);
+    const int8_t* wp = g.w + pp.base;
     int64_t n0 = p * 16, cnt = std::min<int64_t>(16, g.N - n0);
     if (cnt <= 0) continue;
     for (int64_t t = 0; t * 8 < g.M; ++t) {
@@ -230,7 +231,7 @@ void p_w8a8_gemm(const W8A8GemmArgs& g, int64_t p0, int64_t p1) {
       int32_t acc[8][16] = {{0}};
       for (int64_t k4 = 0; k4 < g.Kp / 4; ++k4) {
         const uint8_t* a4 = ap + k4 * 32;
-        const int8_t* w4 = wp + k4 * 64;
+        const int8_t* w4 = wp + k4 * pp.k4_stride;
         for (int r = 0; r < 8; ++r)
           for (int c = 0; c < 16; ++c) {
             int32_t s = 0;
@@ -245,7 +246,7 @@ void p_w8a8_gemm(const W8A8GemmArgs& g, int64_t p0, int64_t p1) {
 
 // Decodes column k of the packed weights times the channel scale, for channels [n0, n1).
 inline float p_w8a8_col(const W8A8Weights& w, int64_t n, int64_t k) {
-  int8_t q = w.data[(n / 16) * w.Kp * 16 + (k / 4) * 64 + (n % 16) * 4 + (k % 4)];
+  int8_t q = w.data[layout::w8a8_offset(n, k, w.Kp, w.Np)];
   return static_cast<float>(q) * w.weight_scale[n];
 }
 

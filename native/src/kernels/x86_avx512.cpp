@@ -85,62 +85,81 @@ void w8a8_quant(const float* x, int64_t ldx, int64_t K, float s_a, uint8_t* pack
 }
 
 // ------------------------------------------------------------------------------------------------
-// W8A8 GEMM: 8 rows x NP panels (16 columns each) micro-kernel, full K in registers.
+// W8A8 GEMM: 8 rows x NP panels (16 columns each) micro-kernel, full K in registers. Accumulators are
+// named locals (GCC spills arrays of vectors passed by reference).
 // ------------------------------------------------------------------------------------------------
-template <int NP>
-EDGEMM_INLINE void w8a8_micro(const uint8_t* a, const int8_t* w, int64_t pstride, int64_t k4n,
-                              __m512i (&acc)[8][3]) {
-#pragma GCC unroll 8
-  for (int r = 0; r < 8; ++r)
-#pragma GCC unroll 3
-    for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_setzero_si512();
-  const int8_t* w1 = w + pstride;
-  const int8_t* w2 = w + 2 * pstride;
-  for (int64_t k4 = 0; k4 < k4n; ++k4) {
-    __m512i b0 = _mm512_load_si512(w + k4 * 64);
-    __m512i b1 = NP > 1 ? _mm512_load_si512(w1 + k4 * 64) : b0;
-    __m512i b2 = NP > 2 ? _mm512_load_si512(w2 + k4 * 64) : b0;
-    const int32_t* ap = reinterpret_cast<const int32_t*>(a + k4 * 32);
-#pragma GCC unroll 8
-    for (int r = 0; r < 8; ++r) {
-      __m512i av = _mm512_set1_epi32(ap[r]);
-      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, b0);
-      if (NP > 1) acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, b1);
-      if (NP > 2) acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], av, b2);
-    }
+#define EDGEMM_W8A8_ROW(r)                                              \
+  {                                                                     \
+    const __m512i av = _mm512_set1_epi32(ap[r]);                        \
+    c##r##0 = _mm512_dpbusd_epi32(c##r##0, av, b0);                     \
+    if (NP > 1) c##r##1 = _mm512_dpbusd_epi32(c##r##1, av, b1);         \
+    if (NP > 2) c##r##2 = _mm512_dpbusd_epi32(c##r##2, av, b2);         \
   }
+#define EDGEMM_W8A8_STORE(r)                                                               \
+  if (r < rows) {                                                                          \
+    float* yr = y + r * ldy;                                                               \
+    store(yr, 0, c##r##0);                                                                 \
+    if (NP > 1) store(yr, 1, c##r##1);                                                     \
+    if (NP > 2) store(yr, 2, c##r##2);                                                     \
+  }
+
+struct W8A8Epi {
+  __m512 scale[3], bias[3];
+  __m512i corr[3];
+  __mmask16 nmask[3];
+  bool accumulate;
+};
+
+template <int NP>
+EDGEMM_INLINE void w8a8_tile(const uint8_t* a, const int8_t* w, int64_t k4n, const W8A8Epi& e, int rows,
+                             float* y, int64_t ldy) {
+  const __m512i z = _mm512_setzero_si512();
+  __m512i c00 = z, c01 = z, c02 = z, c10 = z, c11 = z, c12 = z, c20 = z, c21 = z, c22 = z, c30 = z,
+          c31 = z, c32 = z, c40 = z, c41 = z, c42 = z, c50 = z, c51 = z, c52 = z, c60 = z, c61 = z,
+          c62 = z, c70 = z, c71 = z, c72 = z;
+  const int32_t* ap = reinterpret_cast<const int32_t*>(a);
+  // The NP panels of a group are interleaved: each k4 step reads NP * 64 contiguous bytes.
+  for (int64_t k4 = 0; k4 < k4n; ++k4) {
+    const __m512i b0 = _mm512_load_si512(w);
+    const __m512i b1 = NP > 1 ? _mm512_load_si512(w + 64) : b0;
+    const __m512i b2 = NP > 2 ? _mm512_load_si512(w + 128) : b0;
+#ifdef EDGEMM_W8A8_PF
+    _mm_prefetch(reinterpret_cast<const char*>(w + EDGEMM_W8A8_PF), _MM_HINT_T0);
+    if (NP > 1) _mm_prefetch(reinterpret_cast<const char*>(w + 64 + EDGEMM_W8A8_PF), _MM_HINT_T0);
+    if (NP > 2) _mm_prefetch(reinterpret_cast<const char*>(w + 128 + EDGEMM_W8A8_PF), _MM_HINT_T0);
+#endif
+    EDGEMM_W8A8_ROW(0) EDGEMM_W8A8_ROW(1) EDGEMM_W8A8_ROW(2) EDGEMM_W8A8_ROW(3)
+    EDGEMM_W8A8_ROW(4) EDGEMM_W8A8_ROW(5) EDGEMM_W8A8_ROW(6) EDGEMM_W8A8_ROW(7)
+    w += NP * 64;
+    ap += 8;
+  }
+  auto store = [&](float* yr, int q, __m512i acc) {
+    __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, e.corr[q]));
+    v = _mm512_fmadd_ps(v, e.scale[q], e.bias[q]);
+    if (e.accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(e.nmask[q], yr + q * 16));
+    _mm512_mask_storeu_ps(yr + q * 16, e.nmask[q], v);
+  };
+  EDGEMM_W8A8_STORE(0) EDGEMM_W8A8_STORE(1) EDGEMM_W8A8_STORE(2) EDGEMM_W8A8_STORE(3)
+  EDGEMM_W8A8_STORE(4) EDGEMM_W8A8_STORE(5) EDGEMM_W8A8_STORE(6) EDGEMM_W8A8_STORE(7)
 }
 
 template <int NP>
 void w8a8_panels(const W8A8GemmArgs& g, int64_t p) {
-  const int64_t pstride = g.Kp * 16, k4n = g.Kp / 4;
-  const int8_t* w = g.w + p * pstride;
-  __m512 scale[3], bias[3];
-  __m512i corr[3];
-  __mmask16 nmask[3];
+  const int64_t k4n = g.Kp / 4;
+  const int8_t* w = g.w + layout::w8a8_panel(p, g.Kp, g.Np).base;
+  W8A8Epi e;
+  e.accumulate = g.accumulate;
   const __m512 sa = _mm512_set1_ps(g.s_a);
-  for (int q = 0; q < NP; ++q) {
-    const int64_t n0 = (p + q) * 16;
-    scale[q] = _mm512_mul_ps(sa, _mm512_loadu_ps(g.wscale + n0));
-    corr[q] = _mm512_slli_epi32(_mm512_loadu_si512(g.col_sum + n0), 7);
-    const int64_t rem = g.N - n0;
-    nmask[q] = rem >= 16 ? __mmask16(0xffff) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1);
-    bias[q] = g.bias ? _mm512_maskz_loadu_ps(nmask[q], g.bias + n0) : _mm512_setzero_ps();
+  for (int q = 0; q < 3; ++q) {
+    const int64_t n0 = (p + std::min(q, NP - 1)) * 16;
+    e.scale[q] = _mm512_mul_ps(sa, _mm512_loadu_ps(g.wscale + n0));
+    e.corr[q] = _mm512_slli_epi32(_mm512_loadu_si512(g.col_sum + n0), 7);
+    e.nmask[q] = tail_mask(g.N - n0);
+    e.bias[q] = g.bias ? _mm512_maskz_loadu_ps(e.nmask[q], g.bias + n0) : _mm512_setzero_ps();
   }
-  __m512i acc[8][3];
   for (int64_t t = 0; t < g.Mp / 8; ++t) {
-    w8a8_micro<NP>(g.a + t * g.Kp * 8, w, pstride, k4n, acc);
     const int rows = static_cast<int>(std::min<int64_t>(8, g.M - t * 8));
-    for (int r = 0; r < rows; ++r) {
-      float* y = g.y + (t * 8 + r) * g.ldy;
-      for (int q = 0; q < NP; ++q) {
-        __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][q], corr[q]));
-        v = _mm512_fmadd_ps(v, scale[q], bias[q]);
-        float* yp = y + (p + q) * 16;
-        if (g.accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(nmask[q], yp));
-        _mm512_mask_storeu_ps(yp, nmask[q], v);
-      }
-    }
+    w8a8_tile<NP>(g.a + t * g.Kp * 8, w, k4n, e, rows, g.y + t * 8 * g.ldy + p * 16, g.ldy);
   }
 }
 
@@ -171,7 +190,8 @@ void w8a8_shadow(const ShadowArgs& s, int64_t n0, int64_t n1) {
       if (hi >= 0) {
         col = _mm512_maskz_loadu_ps(m, w.hot_cols.data() + int64_t(hi) * w.Np + n);
       } else {
-        const int8_t* src = w.data.data() + (n / 16) * w.Kp * 16 + (o.k / 4) * 64;
+        const layout::W8A8PanelPos pp = layout::w8a8_panel(n / 16, w.Kp, w.Np);
+        const int8_t* src = w.data.data() + pp.base + (o.k / 4) * pp.k4_stride;
         __m512i v = _mm512_load_si512(src);
         v = _mm512_sra_epi32(_mm512_sll_epi32(v, vshift), _mm_cvtsi32_si128(24));
         col = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_loadu_ps(w.weight_scale.data() + n));
