@@ -1,0 +1,574 @@
+"""ONNX export in the layout optimum / transformers.js (onnx-community) / onnxruntime-genai users know.
+
+A bundle gets, under `onnx/`:
+
+- `vision_encoder{sfx}.onnx`: `pixel_values` f32 [B, 3, S, S] -> `image_features` f32 [B, K, D_text]
+  (ViT up to the feature layer, [CLS] dropped per config, projector; the visual-token compression of
+  `config.extras["visual_tokens"]` inside when set).
+- `embed_tokens.onnx`: `input_ids` i64 [B, T] -> `inputs_embeds` f32 [B, T, D].
+- `decoder_model_merged{sfx}.onnx`: `inputs_embeds` f32 [B, T, D], `attention_mask` i64 [B, past+T],
+  `position_ids` i64 [B, T], `past_key_values.{i}.key/.value` f32 [B, H_kv, past, hd] ->
+  `logits` f32 [B, T, V], `present.{i}.key/.value` f32 [B, H_kv, past+T, hd]. The first step feeds
+  past tensors of length 0 (one graph for prefill and decode, like optimum's merged decoders, but
+  without an If node).
+
+`{sfx}` is "" for fp32, "_int8" (onnxruntime quantize_dynamic, int8 weights, dynamic uint8
+activations) and "_q4" (MatMulNBits, 4-bit blocks of 32): transformers.js's dtype suffixes.
+Beside them at the bundle root: `config.json`, `generation_config.json`, `preprocessor_config.json`,
+`tokenizer_config.json` (transformers.js / optimum read these) and `genai_config.json`
+(onnxruntime-genai). See docs/export-onnx.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from pathlib import Path
+
+from edgemm.errors import EdgemmError
+
+from .bundle import Artifact
+
+OPSET = 17
+PRECISIONS = ("fp32", "int8", "int4")
+SUFFIX = {"fp32": "", "int8": "_int8", "int4": "_q4"}
+JS_DTYPE = {"fp32": "fp32", "int8": "int8", "int4": "q4"}
+INT4_BLOCK = 32
+
+
+def file_name(role: str, precision: str) -> str:
+    base = {"vision_encoder": "vision_encoder", "embed_tokens": "embed_tokens", "decoder": "decoder_model_merged"}[role]
+    sfx = "" if role == "embed_tokens" else SUFFIX[precision]
+    return f"onnx/{base}{sfx}.onnx"
+
+
+# ------------------------------------------------------------------------------------ torch graphs
+
+
+def _modules():
+    """The export wrappers (defined lazily: importing this module must not import torch)."""
+    import torch
+    from torch import nn
+
+    from edgemm.models.modeling import rope_cos_sin
+
+    class VisionEncoder(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return encode_image_for_export(self.model, pixel_values)
+
+    class EmbedTokens(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.embed = model.text.embed_tokens
+
+        def forward(self, input_ids):
+            return self.embed(input_ids)
+
+    class Decoder(nn.Module):
+        """EdgeVLM's TextDecoder with the KV cache as explicit inputs/outputs.
+
+        Same math as edgemm.models.modeling (mask rule included: a query sees keys <= its absolute
+        index that are not padding, and always itself), written with shape ops that trace."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.text = model.text
+            self.cfg = model.config.text
+
+        def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+            c = self.cfg
+            b, t = inputs_embeds.shape[0], inputs_embeds.shape[1]
+            past_len = past[0].shape[2]
+            total = attention_mask.shape[1]
+            q_pos = torch.arange(t, dtype=torch.int64) + past_len
+            k_pos = torch.arange(total, dtype=torch.int64)
+            causal = k_pos[None, :] <= q_pos[:, None]
+            allowed = causal[None, None] & (attention_mask[:, None, None, :] > 0)
+            allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None, None]
+            bias = torch.where(allowed, torch.zeros((), dtype=inputs_embeds.dtype),
+                               torch.full((), torch.finfo(inputs_embeds.dtype).min, dtype=inputs_embeds.dtype))
+            cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, inputs_embeds.dtype)
+            cos, sin = cos[:, None], sin[:, None]
+            h_, kv, hd = c.num_heads, c.num_kv_heads, c.head_dim
+            rep = h_ // kv
+            x = inputs_embeds
+            presents = []
+            for i, layer in enumerate(self.text.layers):
+                a = layer.self_attn
+                h = layer.input_layernorm(x)
+                q = a.q_proj(h).reshape(b, t, h_, hd).transpose(1, 2)
+                k = a.k_proj(h).reshape(b, t, kv, hd).transpose(1, 2)
+                v = a.v_proj(h).reshape(b, t, kv, hd).transpose(1, 2)
+                q = q * cos + _rotate_half(q) * sin
+                k = k * cos + _rotate_half(k) * sin
+                k = torch.cat([past[2 * i], k], dim=2)
+                v = torch.cat([past[2 * i + 1], v], dim=2)
+                presents += [k, v]
+                if rep > 1:  # = repeat_interleave(rep, dim=1), written with expand so that it traces cleanly
+                    k = k[:, :, None].expand(b, kv, rep, total, hd).reshape(b, h_, total, hd)
+                    v = v[:, :, None].expand(b, kv, rep, total, hd).reshape(b, h_, total, hd)
+                scores = (q @ k.transpose(-1, -2)) * (hd ** -0.5) + bias
+                out = scores.softmax(-1) @ v
+                x = x + a.o_proj(out.transpose(1, 2).reshape(b, t, h_ * hd))
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
+            logits = self.text.lm_head(self.text.norm(x))
+            return (logits, *presents)
+
+    def _rotate_half(x):
+        half = x.shape[-1] // 2
+        return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+    return VisionEncoder, EmbedTokens, Decoder
+
+
+def encode_image_for_export(model, pixel_values):
+    """Projected visual tokens, with the config's visual-token compression applied when set."""
+    vt = model.config.extras.get("visual_tokens")
+    if vt:
+        try:
+            from edgemm.tokens import compress_image_features  # written by the token-compression work
+        except ImportError:
+            raise EdgemmError("this model sets visual_tokens but edgemm.tokens (token compression) is not available") from None
+        return compress_image_features(model, pixel_values)
+    return model.encode_image(pixel_values).embeds
+
+
+def _export(module, args, path: Path, input_names, output_names, dynamic_axes):
+    import torch
+
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter: on torch 2.13 it traces these small graphs in well under a
+        # second into clean ONNX (Gather/MatMul/Softmax, no If), where torch.export would need a Dim
+        # per cache length and still specialize the empty first-step cache. See docs/export-onnx.md.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, input_names=input_names,
+                          output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
+
+
+def kv_names(n_layers: int):
+    ins, outs = [], []
+    for i in range(n_layers):
+        ins += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outs += [f"present.{i}.key", f"present.{i}.value"]
+    return ins, outs
+
+
+def export_fp32(model, out_dir: Path) -> dict[str, Path]:
+    """Write the three fp32 graphs into out_dir; -> {role: path}."""
+    import torch
+
+    VisionEncoder, EmbedTokens, Decoder = _modules()
+    cfg = model.config
+    tc = cfg.text
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    model = model.eval()
+    with torch.no_grad():
+        s = cfg.vision.image_size
+        paths["vision_encoder"] = out_dir / "vision_encoder.onnx"
+        _export(VisionEncoder(model), (torch.randn(2, cfg.vision.num_channels, s, s),), paths["vision_encoder"],
+                ["pixel_values"], ["image_features"],
+                {"pixel_values": {0: "batch_size"}, "image_features": {0: "batch_size"}})
+        paths["embed_tokens"] = out_dir / "embed_tokens.onnx"
+        _export(EmbedTokens(model), (torch.zeros(2, 5, dtype=torch.int64),), paths["embed_tokens"],
+                ["input_ids"], ["inputs_embeds"],
+                {"input_ids": {0: "batch_size", 1: "sequence_length"}, "inputs_embeds": {0: "batch_size", 1: "sequence_length"}})
+        b, t, past = 2, 5, 3
+        kv_in, kv_out = kv_names(tc.num_layers)
+        pkv = tuple(torch.randn(b, tc.num_kv_heads, past, tc.head_dim) for _ in kv_in)
+        args = (torch.randn(b, t, tc.hidden_size), torch.ones(b, past + t, dtype=torch.int64),
+                torch.arange(past, past + t, dtype=torch.int64).expand(b, t).contiguous(), *pkv)
+        dyn = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
+               "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+               "position_ids": {0: "batch_size", 1: "sequence_length"},
+               "logits": {0: "batch_size", 1: "sequence_length"}}
+        for n in kv_in:
+            dyn[n] = {0: "batch_size", 2: "past_sequence_length"}
+        for n in kv_out:
+            dyn[n] = {0: "batch_size", 2: "total_sequence_length"}
+        paths["decoder"] = out_dir / "decoder_model_merged.onnx"
+        _export(Decoder(model), args, paths["decoder"], ["inputs_embeds", "attention_mask", "position_ids", *kv_in],
+                ["logits", *kv_out], dyn)
+    for p in paths.values():
+        _check(p)
+    return paths
+
+
+def _check(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:  # onnx raises its own ValidationError / InferenceError
+        raise EdgemmError(f"exporter bug: {path.name} fails onnx.checker: {str(e).splitlines()[0][:200]}") from None
+
+
+# ------------------------------------------------------------------------------------ quantization
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """onnxruntime's dynamic int8: MatMul weights int8 per output channel, activations uint8 per call."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet():
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8, per_channel=True)
+    _check(dst)
+
+
+def quantize_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK, prequantized: dict | None = None) -> dict:
+    """MatMulNBits (4-bit, symmetric blocks) through onnxruntime's MatMulNBitsQuantizer.
+
+    `prequantized` maps weight-initializer fingerprints to edgemm int4 tensors (see
+    `edgemm_int4_weights`): those MatMuls take edgemm's own codes/scales/zeros verbatim instead of
+    being re-quantized. Returns {"mapped": n, "requantized": n}."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(src))
+    mapped = 0
+    exclude = []
+    if prequantized:
+        mapped, exclude = _map_int4(model, prequantized)
+    q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True, nodes_to_exclude=exclude)
+    with _quiet():
+        q.process()
+    out = q.model.model
+    n_nbits = sum(1 for n in out.graph.node if n.op_type == "MatMulNBits")
+    onnx.save(out, str(dst))
+    _check(dst)
+    return {"mapped": mapped, "requantized": n_nbits - mapped}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxruntime.quantization logs advice at WARNING/INFO on the root logger; keep exports quiet."""
+    import logging
+
+    root = logging.getLogger()
+    old = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(old)
+
+
+def _fingerprint(arr) -> str:
+    import hashlib
+
+    import numpy as np
+
+    a = np.ascontiguousarray(np.asarray(arr, dtype=np.float32))
+    return f"{a.shape}:" + hashlib.sha1(a.tobytes()).hexdigest()
+
+
+def edgemm_int4_weights(model) -> dict:
+    """{fingerprint of W^T as exported: (name, qweight, scales, zeros|None, group)} for every linear
+    that carries edgemm int4 tensors (docs/formats.md), found by duck typing on the module buffers."""
+    import numpy as np
+
+    out = {}
+    for name, mod in model.named_modules():
+        meta = _int4_meta(mod)
+        if meta is None:
+            continue
+        qweight, scales, zeros, group = meta
+        w = _dequant_int4(qweight, scales, zeros, group)
+        out[_fingerprint(np.ascontiguousarray(w.T))] = (name, qweight, scales, zeros, group)
+    return out
+
+
+def _int4_meta(mod):
+    qw = getattr(mod, "qweight", None)
+    sc = getattr(mod, "scales", None)
+    if qw is None or sc is None or str(getattr(qw, "dtype", "")) != "torch.uint8":
+        return None
+    bits = getattr(mod, "bits", None)
+    if bits not in (None, 4):
+        return None
+    n, k2 = qw.shape
+    groups = sc.shape[1]
+    group = (2 * k2) // groups
+    zeros = getattr(mod, "zeros", None)
+    return (qw.numpy(), sc.float().numpy(), None if zeros is None else zeros.numpy(), group)
+
+
+def _dequant_int4(qweight, scales, zeros, group):
+    import numpy as np
+
+    lo, hi = qweight & 0xF, qweight >> 4
+    u = np.stack([lo, hi], -1).reshape(qweight.shape[0], -1).astype(np.float32)
+    z = np.float32(8) if zeros is None else np.repeat(zeros.astype(np.float32), group, 1)
+    return (u - z) * np.repeat(scales.astype(np.float32), group, 1)
+
+
+def _map_int4(model, pre: dict):
+    """Replace MatMuls whose constant weight is an edgemm int4 weight by MatMulNBits nodes holding
+    edgemm's codes (same nibble order as MatMulNBits: even k in the low nibble)."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    new_nodes, mapped, exclude = [], 0, []
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            w = numpy_helper.to_array(inits[node.input[1]])
+            hit = pre.get(_fingerprint(w)) if w.ndim == 2 else None
+            if hit is not None:
+                name, qw, sc, zp, g = hit
+                if g < 16 or g & (g - 1):
+                    exclude.append(node.name)
+                    new_nodes.append(node)
+                    continue
+                n, k = qw.shape[0], qw.shape[1] * 2
+                base = node.name or f"mm{mapped}"
+                b_name, s_name = base + "_Q4", base + "_scales"
+                model.graph.initializer.extend([
+                    numpy_helper.from_array(qw.reshape(n, k // g, g // 2).astype(np.uint8), b_name),
+                    numpy_helper.from_array(sc.astype(np.float32).reshape(-1), s_name)])
+                ins = [node.input[0], b_name, s_name]
+                if zp is not None:
+                    zpad = zp.astype(np.uint8)
+                    if zpad.shape[1] % 2:
+                        zpad = np.concatenate([zpad, np.zeros((n, 1), np.uint8)], 1)
+                    packed = (zpad[:, 0::2] | (zpad[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
+                    ins.append(base + "_zp")
+                    model.graph.initializer.append(numpy_helper.from_array(packed, base + "_zp"))
+                new_nodes.append(helper.make_node("MatMulNBits", ins, list(node.output), name=base + "_Q4",
+                                                  domain="com.microsoft", K=k, N=n, bits=4, block_size=g))
+                exclude.append(base + "_Q4")
+                mapped += 1
+                continue
+        new_nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    if mapped and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return mapped, exclude
+
+
+# ------------------------------------------------------------------------------------ HF side files
+
+
+def hf_config(cfg, precision: str, processor) -> dict:
+    """config.json in the shape of a transformers LLaVA config (what transformers.js and optimum
+    read to size the KV cache and find the image token), plus edgemm's own config."""
+    t, v = cfg.text, cfg.vision
+    from .bundle import visual_token_count
+
+    k = visual_token_count(cfg)
+    return {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "image_token_index": cfg.image_token_id,
+        "image_seq_length": k,
+        "vision_feature_layer": cfg.vision_feature_layer,
+        "vision_feature_select_strategy": cfg.vision_feature_select,
+        "projector_hidden_act": cfg.projector.hidden_act,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "text_config": {
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+            "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
+            "num_key_value_heads": t.num_kv_heads, "head_dim": t.head_dim, "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": t.rope_theta, "max_position_embeddings": t.max_position_embeddings,
+            "hidden_act": "silu", "tie_word_embeddings": t.tie_word_embeddings,
+            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+            "use_cache": True,
+        },
+        "vision_config": {
+            "model_type": "clip_vision_model", "hidden_size": v.hidden_size, "image_size": v.image_size,
+            "patch_size": v.patch_size, "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads,
+            "intermediate_size": v.intermediate_size, "layer_norm_eps": v.layer_norm_eps, "hidden_act": v.hidden_act,
+            "num_channels": v.num_channels,
+        },
+        "transformers.js_config": {
+            "dtype": {"vision_encoder": JS_DTYPE[precision if precision != "int4" else "int8"],
+                      "embed_tokens": "fp32", "decoder_model_merged": JS_DTYPE[precision]},
+            "kv_cache_dtype": "float32",
+        },
+        "edgemm": {"note": "EdgeVLM exported by edgemm; the ONNX graphs are the model, this file describes their shapes",
+                   "config": cfg.to_dict(), "prompt_template": cfg.prompt_template,
+                   "image_token": processor.image_token},
+    }
+
+
+def side_files(cfg, precision: str, processor, max_context: int) -> dict[str, dict]:
+    v = cfg.vision
+    tok = processor.tokenizer
+    name = lambda i: tok.id_to_token(i)  # noqa: E731
+    return {
+        "config.json": hf_config(cfg, precision, processor),
+        "generation_config.json": {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+                                   "pad_token_id": cfg.pad_token_id, "do_sample": False,
+                                   "max_length": max_context},
+        "preprocessor_config.json": {
+            "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
+            "do_resize": True, "size": {"height": v.image_size, "width": v.image_size},
+            "do_center_crop": False, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(v.image_mean), "image_std": list(v.image_std), "do_convert_rgb": True,
+            "resample": 3, "edgemm_resize": v.image_resize,
+        },
+        "tokenizer_config.json": {
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(cfg.bos_token_id),
+            "eos_token": name(cfg.eos_token_id), "pad_token": name(cfg.pad_token_id),
+            "add_bos_token": True, "add_eos_token": False, "model_max_length": max_context,
+            "image_token": processor.image_token, "padding_side": "left",
+        },
+    }
+
+
+def genai_config(cfg, precision: str, max_context: int) -> dict:
+    """onnxruntime-genai's genai_config.json (decoder + embedding + vision sections)."""
+    t = cfg.text
+    return {
+        "model": {
+            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+            "context_length": max_context, "vocab_size": t.vocab_size, "type": "llava",
+            "image_token_id": cfg.image_token_id,
+            "vision": {"filename": file_name("vision_encoder", precision),
+                       "inputs": {"pixel_values": "pixel_values"},
+                       "outputs": {"image_features": "image_features"}},
+            "embedding": {"filename": file_name("embed_tokens", precision),
+                          "inputs": {"input_ids": "input_ids", "image_features": "image_features"},
+                          "outputs": {"inputs_embeds": "inputs_embeds"}},
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": file_name("decoder", precision),
+                "head_size": t.head_dim, "hidden_size": t.hidden_size, "num_attention_heads": t.num_heads,
+                "num_key_value_heads": t.num_kv_heads, "num_hidden_layers": t.num_layers,
+                "inputs": {"inputs_embeds": "inputs_embeds", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"do_sample": False, "max_length": max_context, "min_length": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 1, "top_p": 1.0, "early_stopping": True, "length_penalty": 1.0,
+                   "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
+    }
+
+
+# ------------------------------------------------------------------------------------ bundle writer
+
+
+def write(bw, loaded, precision: str = "fp32", lane: str = "cpu", processor: str = "cpu", side: bool = True, **_ignored) -> list:
+    """Add the ONNX graphs of `loaded` at `precision` (fp32 | int8 | int4) to the bundle `bw`.
+
+    Returns the added Artifacts. Can be called several times on one bundle (one per precision); the
+    fp32 graphs are exported once and quantized from."""
+    import shutil
+    import tempfile
+
+    if precision not in PRECISIONS:
+        raise EdgemmError(f"unknown ONNX precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    model = loaded.model
+    cfg = loaded.config
+    max_context = int(bw.extra.get("max_context") or cfg.text.max_position_embeddings)
+    quant = cfg.extras.get("quantization")
+    arts = []
+    with tempfile.TemporaryDirectory(prefix="edgemm-onnx-") as td:
+        fp = export_fp32(_float_copy(model), Path(td))
+        vis_prec = "int8" if precision == "int4" else precision  # the q4 set keeps an int8 vision encoder
+        rel = {r: file_name(r, vis_prec if r == "vision_encoder" else precision) for r in fp}
+        emb = bw.path(rel["embed_tokens"])
+        if not emb.exists():
+            shutil.copy(fp["embed_tokens"], emb)
+            arts.append(Artifact(rel["embed_tokens"], "embed_tokens", "onnx", "fp32", lane, processor, "onnxruntime",
+                                 extra={"inputs": ["input_ids"], "outputs": ["inputs_embeds"]}))
+        extra_dec = {}
+        if precision == "fp32":
+            shutil.copy(fp["vision_encoder"], bw.path(rel["vision_encoder"]))
+            shutil.copy(fp["decoder"], bw.path(rel["decoder"]))
+            if quant:
+                bw.note(f"the model carries edgemm {_quant_desc(quant)} weights; the fp32 ONNX graphs hold them dequantized")
+        elif precision == "int8":
+            quantize_int8(fp["vision_encoder"], bw.path(rel["vision_encoder"]))
+            quantize_int8(fp["decoder"], bw.path(rel["decoder"]))
+            bw.note("ONNX int8: onnxruntime quantize_dynamic (int8 per-channel MatMul weights, dynamic uint8 activations)"
+                    + (f"; the model's edgemm {_quant_desc(quant)} weights were re-quantized from their dequantized values "
+                       "(ORT's dynamic int8 MatMulInteger has no weight-only int8 form matching edgemm's)" if quant else ""))
+        else:
+            # The vision encoder stays int8 in the q4 set (as llama.cpp keeps mmproj at higher precision).
+            vis = bw.path(rel["vision_encoder"])
+            if not vis.exists():
+                quantize_int8(fp["vision_encoder"], vis)
+            pre = edgemm_int4_weights(model) if quant else {}
+            res = quantize_int4(fp["decoder"], bw.path(rel["decoder"]), prequantized=pre)
+            extra_dec = {"int4_block_size": INT4_BLOCK, **res}
+            msg = f"ONNX int4: MatMulNBits (4-bit, symmetric, block {INT4_BLOCK}) from onnxruntime's MatMulNBitsQuantizer"
+            if res["mapped"]:
+                msg += f"; {res['mapped']} MatMuls carry edgemm's own int4 codes/scales/zeros verbatim, {res['requantized']} were quantized by ORT"
+            elif quant:
+                msg += f"; the model's edgemm {_quant_desc(quant)} weights had no int4 MatMulNBits mapping and were re-quantized"
+            bw.note(msg)
+        if not any(a.file == rel["vision_encoder"] for a in bw.artifacts):
+            arts.append(Artifact(rel["vision_encoder"], "vision_encoder", "onnx", vis_prec, lane, processor, "onnxruntime",
+                                 extra={"inputs": ["pixel_values"], "outputs": ["image_features"]}))
+        arts.append(Artifact(rel["decoder"], "decoder", "onnx", precision, lane, processor, "onnxruntime",
+                             extra={"num_layers": cfg.text.num_layers, "kv_cache": "explicit", **extra_dec}))
+    for a in arts:
+        bw.add(a)
+    if side:
+        for name, obj in side_files(cfg, precision, loaded.processor, max_context).items():
+            p = bw.path(name)
+            if not p.exists():
+                p.write_text(json.dumps(obj, indent=2) + "\n")
+                bw.add(Artifact(name, "hf_" + name.split(".")[0], "json", "-", "cpu", "cpu", ""))
+        gp = bw.path("genai_config.json")
+        if not gp.exists():
+            gp.write_text(json.dumps(genai_config(cfg, precision, max_context), indent=2) + "\n")
+            bw.add(Artifact("genai_config.json", "genai_config", "json", "-", "cpu", "cpu", ""))
+    return arts
+
+
+def _quant_desc(q) -> str:
+    if isinstance(q, dict):
+        return str(q.get("method") or q.get("scheme") or q.get("bits") or "quantized")
+    return str(q)
+
+
+def _float_copy(model):
+    """The model as plain float nn.Linear layers (compressed layers dequantized) for tracing."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    if all(type(m) in (nn.Linear,) or not hasattr(m, "qweight") for m in model.modules()):
+        return model
+    m2 = copy.deepcopy(model)
+    for name, mod in list(m2.named_modules()):
+        for cname, child in list(mod.named_children()):
+            if hasattr(child, "qweight") and not isinstance(child, nn.Linear):
+                w = _dequant_module(child)
+                lin = nn.Linear(w.shape[1], w.shape[0], bias=getattr(child, "bias", None) is not None)
+                with torch.no_grad():
+                    lin.weight.copy_(w)
+                    if lin.bias is not None:
+                        lin.bias.copy_(child.bias.float())
+                setattr(mod, cname, lin)
+    return m2.eval()
+
+
+def _dequant_module(mod):
+    """A compressed linear's float weight: its own dequantize() if it has one, else formats.md."""
+    import torch
+
+    for attr in ("dequantize", "dequantized_weight", "weight_float"):
+        f = getattr(mod, attr, None)
+        if callable(f):
+            return f().float()
+    meta = _int4_meta(mod)
+    if meta is not None:
+        return torch.from_numpy(_dequant_int4(*meta))
+    raise EdgemmError(f"cannot read the weights of compressed layer {type(mod).__name__}")
