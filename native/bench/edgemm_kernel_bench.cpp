@@ -152,7 +152,7 @@ __attribute__((target("avx512f"), noinline)) uint64_t read_stream(const char* p,
 #endif
 
 // Runs body(tid) on nt threads of the pool (each thread does the same work).
-void on_threads(ThreadPool& pool, const std::function<void(int)>& body) {
+[[maybe_unused]] void on_threads(ThreadPool& pool, const std::function<void(int)>& body) {
   parallel_for(&pool, pool.size(), 1, [&](int64_t b, int64_t e, int) {
     for (int64_t t = b; t < e; ++t) body(int(t));
   });
