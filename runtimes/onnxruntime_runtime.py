@@ -170,11 +170,12 @@ class OnnxSession(Session):
         embeds, mask = self.merge(ids, mask, feats)
         if embeds.shape[1] + opts.max_new_tokens > self.max_context:
             raise EdgemmError(f"prompt of {embeds.shape[1]} tokens + {opts.max_new_tokens} new tokens exceeds the context of {self.max_context}")
+        self.prefill_info = {}
         last, past, pos = self.prefill(embeds, mask)
         nxt = sample(last)
         t2 = time.perf_counter()
         stats.update(image_encode_ms=(t1 - t0) * 1e3, prefill_ms=(t2 - t1) * 1e3, prefill_tokens=int(embeds.shape[1]),
-                     ttft_ms=(t2 - t0) * 1e3, decode_ms=0.0, decode_tokens=0)
+                     ttft_ms=(t2 - t0) * 1e3, decode_ms=0.0, decode_tokens=0, **self.prefill_info)
         done = nxt == eos
         yield nxt
         last_pos = pos[:, -1:]
@@ -238,10 +239,117 @@ class OnnxSession(Session):
             out += [self.processor.decode(t) for t in toks]
             for k in ("image_encode_ms", "prefill_ms", "decode_ms", "ttft_ms"):
                 total[k] += stats[k]
+            for k, v in stats.items():
+                if k.startswith(("npu_", "shadow_")):
+                    total[k] = total.get(k, 0) + v
             total["prefill_tokens"] += stats["prefill_tokens"] * ids.shape[0]
             total["decode_tokens"] += stats["decode_tokens"] * ids.shape[0]
         self.stats = _finish(total)
         return out
+
+
+class NpuSession(OnnxSession):
+    """android-npu layout: chunked static prefill (NPU-lane W8A8 graphs + CPU-lane attention and shadow
+    graphs), then CPU decode with the dynamic decoder from the static cache. Batch 1, as on a phone.
+
+    `npu_providers` sets the execution providers of the NPU-lane graphs (e.g. QNN on a device);
+    here they run on onnxruntime's CPU provider."""
+
+    def __init__(self, bundle: Path, manifest: dict, threads: int | None = None, providers=None, npu_providers=None):
+        Session.__init__(self)
+        self.bundle, self.manifest = Path(bundle), manifest
+        self.processor = bundle_processor(bundle, manifest)
+        self.config = self.processor.config
+        tc = self.config.text
+        self.n_layers, self.kv_heads, self.head_dim = tc.num_layers, tc.num_kv_heads, tc.head_dim
+        self.chunk = int(manifest["chunk_size"])
+        self.max_context = int(manifest["max_context"])
+        self.kv_in = [f"past_key_values.{i}.{kv}" for i in range(self.n_layers) for kv in ("key", "value")]
+        arts = [a for a in manifest["artifacts"] if a.get("runtime") == "onnxruntime"]
+
+        def load(a):
+            prov = npu_providers if a["lane"] == "npu" and npu_providers else providers
+            return make_session(self.bundle / a["file"], threads, prov)
+
+        def one(role):
+            a = [x for x in arts if x["role"] == role]
+            if not a:
+                raise EdgemmError(f"the android-npu bundle has no {role} graph")
+            return load(a[0])
+
+        self.vision, self.embed_chunk, self.attention = one("vision_encoder"), one("embed_chunk"), one("prefill_attention")
+        self.lm_head, self.embed, self.decoder = one("lm_head"), one("embed_tokens"), one("decoder")
+        self.precision = next(a["precision"] for a in arts if a["role"] == "decoder")
+        self.dec_outputs = [o.name for o in self.decoder.get_outputs()]
+        self.layers = [{} for _ in range(self.n_layers)]
+        for a in arts:
+            if a["role"] in ("prefill_layer", "shadow"):
+                key = a["extra"]["stage"] if a["role"] == "prefill_layer" else "shadow_" + a["extra"]["stage"]
+                self.layers[a["extra"]["layer"]][key] = load(a)
+        for i, d in enumerate(self.layers):
+            missing = {"qkv", "o", "mlp", "shadow_qkv", "shadow_o", "shadow_mlp", "shadow_down"} - set(d)
+            if missing:
+                raise EdgemmError(f"the android-npu bundle lacks layer {i}'s {sorted(missing)[0]} graph")
+
+    def encode_images(self, px: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.vision.run(None, {"pixel_values": px[i:i + 1].astype(np.float32)})[0]
+                               for i in range(px.shape[0])])
+
+    def embed_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Text embeddings through the static int32 chunk graph (ids padded to whole chunks)."""
+        if ids.shape[0] != 1:
+            return super().embed_ids(ids)
+        n, c = ids.shape[1], self.chunk
+        padded = np.zeros((1, -(-n // c) * c), np.int32)
+        padded[0, :n] = ids[0]
+        parts = [self.embed_chunk.run(None, {"input_ids": padded[:, s:s + c]})[0] for s in range(0, padded.shape[1], c)]
+        return np.concatenate(parts, 1)[:, :n]
+
+    def prefill(self, embeds: np.ndarray, mask: np.ndarray):
+        if embeds.shape[0] != 1:
+            raise EdgemmError("android-npu prefill runs one prompt at a time")
+        if not mask.all():
+            raise EdgemmError("android-npu prefill takes an unpadded prompt")
+        n_tok, c, m = embeds.shape[1], self.chunk, self.max_context
+        if n_tok > m:
+            raise EdgemmError(f"prompt of {n_tok} tokens exceeds the static context of {m}")
+        shape = (1, self.kv_heads, m, self.head_dim)
+        keys = [np.zeros(shape, np.float32) for _ in range(self.n_layers)]
+        vals = [np.zeros(shape, np.float32) for _ in range(self.n_layers)]
+        n_chunks = -(-n_tok // c)
+        xs = np.zeros((1, n_chunks * c, embeds.shape[2]), np.float32)
+        xs[:, :n_tok] = embeds
+        unhandled = 0.0
+        last = None
+        for start in range(0, n_tok, c):
+            n = min(c, n_tok - start)
+            x = xs[:, start:start + c]
+            pos = (start + np.arange(c, dtype=np.int32))[None]
+            plen = np.array([start], np.int32)
+            for i, g in enumerate(self.layers):
+                q, k, v = g["qkv"].run(None, {"x": x})
+                q, k, v, c1 = g["shadow_qkv"].run(None, {"x": x, "q": q, "k": k, "v": v})
+                attn, kn, vn = self.attention.run(None, {"q": q, "k": k, "v": v, "past_key": keys[i], "past_value": vals[i],
+                                                         "position_ids": pos, "past_len": plen})
+                keys[i][:, :, start:start + n] = kn[:, :, :n]
+                vals[i][:, :, start:start + n] = vn[:, :, :n]
+                o_sh, c2 = g["shadow_o"].run(None, {"attn": attn})
+                (x_mid,) = g["o"].run(None, {"x": x, "attn": attn, "o_shadow": o_sh})
+                gs, us, c3 = g["shadow_mlp"].run(None, {"x_mid": x_mid})
+                x_out, act = g["mlp"].run(None, {"x_mid": x_mid, "gate_shadow": gs, "up_shadow": us})
+                x, c4 = g["shadow_down"].run(None, {"act": act, "x_out": x_out})
+                unhandled += float(c1 + c2 + c3 + c4)
+            last = x[:, n - 1:n]
+        logits = self.lm_head.run(None, {"hidden": last})[0][:, -1]
+        past = {}
+        for i in range(self.n_layers):
+            past[f"past_key_values.{i}.key"] = np.ascontiguousarray(keys[i][:, :, :n_tok])
+            past[f"past_key_values.{i}.value"] = np.ascontiguousarray(vals[i][:, :, :n_tok])
+        self.prefill_info = {"npu_chunks": n_chunks, "shadow_unhandled": int(unhandled)}
+        return logits, past, np.arange(n_tok, dtype=np.int64)[None]
+
+    def generate_batch(self, images, prompts, batch_size: int = 1, **options) -> list[str]:
+        return super().generate_batch(images, prompts, batch_size=1, **options)
 
 
 def _finish(s: dict) -> dict:
@@ -263,8 +371,9 @@ def open_bundle(path, manifest: dict, threads: int | None = None, precision: str
     """Open a bundle's ONNX graphs. `precision` picks among several decoder precisions (fp32, int8, int4);
     an android-npu bundle (prefill chunk graphs) opens as a chunked-prefill session."""
     if any(a.get("role") == "prefill_layer" for a in manifest["artifacts"]):
-        from .onnxruntime_npu import NpuSession
-
+        unknown = set(options) - {"providers", "npu_providers"}
+        if unknown:
+            raise EdgemmError(f"unknown onnxruntime option {sorted(unknown)[0]!r}")
         return NpuSession(Path(path), manifest, threads=threads, **options)
     unknown = set(options) - {"providers"}
     if unknown:
