@@ -217,14 +217,15 @@ std::function<void()> fp32_ref(ThreadPool& pool) {
   return nullptr;
 }
 double fp32_ref_flops(int nt) { return double(kRefIters) * 12 * 32 * nt; }
-// Streams `bytes` of buf (rotating through it in chunks when buf is larger): per call reads `bytes`.
-std::function<void()> stream_ref(ThreadPool& pool, const AlignedBuffer<char>& buf, size_t bytes) {
+// Streams `bytes` of buf per call: always the same bytes (rotate = false: cache-resident like a "hot"
+// weight) or the next chunk of a large buffer (rotate = true: from DRAM like a "cold" weight).
+std::function<void()> stream_ref(ThreadPool& pool, const AlignedBuffer<char>& buf, size_t bytes, bool rotate) {
 #if defined(__x86_64__)
   if (cpu_features().avx512f) {
     auto pos = std::make_shared<size_t>(0);
-    return [&pool, &buf, bytes, pos] {
+    return [&pool, &buf, bytes, pos, rotate] {
       const size_t base = *pos;
-      *pos = (base + bytes + bytes <= buf.size()) ? base + bytes : 0;
+      if (rotate) *pos = (base + bytes + bytes <= buf.size()) ? base + bytes : 0;
       const int nt = pool.size();
       on_threads(pool, [&](int tid) {
         static thread_local volatile uint64_t sink;
@@ -388,12 +389,14 @@ void bench_decode() {
     for (auto& v : x) v = nd(rng);
     std::vector<float> y(s.N);
     for (const WoqVariant& v : variants) {
-      if (!selected("gemv." + v.name)) continue;
+      const bool run_hot = selected("gemv_hot." + v.name + "." + s.name);
+      const bool run_cold = selected("gemv_cold." + v.name + "." + s.name);
+      if (!run_hot && !run_cold) continue;
       WoqWeights w = make_woq_weights(v, s.N, s.K, rng);
       const double bytes = double(woq_bytes(w)) + double(s.K) * 4;  // weights + fp32 activations
       // Cold set: copies totalling >= 1 GiB (fewer with --quick).
       const size_t target = opt.quick ? (size_t(256) << 20) : (size_t(1) << 30);
-      const size_t ncopies = std::max<size_t>(2, target / woq_bytes(w));
+      const size_t ncopies = run_cold ? std::max<size_t>(2, target / woq_bytes(w)) : 0;
       std::vector<WoqWeights> copies;
       copies.reserve(ncopies);
       for (size_t i = 0; i < ncopies; ++i) copies.push_back(clone(w));
@@ -401,22 +404,25 @@ void bench_decode() {
       for (int nt : opt.threads) {
         ThreadPool pool(nt);
         WoqAct a;
+        if (run_hot) {
         // Hot: the same matrix every call, next to a stream read of a buffer of the same size.
         Timing hot = measure([&] { (void)woq_linear(x.data(), 1, s.K, w, nullptr, y.data(), s.N, &a, &pool); },
-                             stream_ref(pool, hot_buf, size_t(bytes)));
+                             stream_ref(pool, hot_buf, size_t(bytes), false));
         double gbs = bytes / hot.median_s / 1e9;
         emit({"decode", "gemv_hot." + v.name + "." + s.name, shape, nt, hot,
               {{"GB/s", gbs}, {"pct_of_29GBs", 100 * gbs / 29.0},
                {"pct_of_stream_same_size_interleaved", 100 * hot.ref_ratio},
                {"MB_read", bytes / 1e6}}});
+        }
+        if (!run_cold) continue;
         size_t idx = 0;
         Timing cold = measure(
             [&] {
               (void)woq_linear(x.data(), 1, s.K, copies[idx], nullptr, y.data(), s.N, &a, &pool);
               idx = (idx + 1) % copies.size();
             },
-            stream_ref(pool, cold_buf, size_t(bytes)));
-        gbs = bytes / cold.median_s / 1e9;
+            stream_ref(pool, cold_buf, size_t(bytes), true));
+        double gbs = bytes / cold.median_s / 1e9;
         emit({"decode", "gemv_cold." + v.name + "." + s.name, shape, nt, cold,
               {{"GB/s", gbs}, {"pct_of_DRAM_stream_interleaved", 100 * cold.ref_ratio},
                {"MB_read", bytes / 1e6}}});
