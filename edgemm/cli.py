@@ -292,7 +292,7 @@ def demo(n: int = typer.Option(300, help="questions in the accuracy check"),
 
 # Each feature area registers its own commands: a module with `register(app)` (imports inside the
 # command functions, so that `edgemm --help` stays fast and torch-free).
-COMMAND_MODULES: list[str] = ["edgemm.tokens.cli", "edgemm.distill.cli"]
+COMMAND_MODULES: list[str] = ["edgemm.tokens.cli", "edgemm.distill.cli", "edgemm.recipes.cli"]
 
 
 def _register() -> None:

@@ -1,0 +1,204 @@
+"""The recipe pipeline: recipe validation, the runner's report after every stage, resume after an
+interruption, the FLOPs estimate against counted multiply-accumulates, and `edgemm compress`."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import random_model, tiny_config
+from edgemm.errors import EdgemmError
+from edgemm.recipes import EXTRA_STAGES, load_recipe, shipped
+from edgemm.recipes.metrics import prefill_flops, prompt_text_tokens
+from edgemm.tokens import set_visual_tokens
+
+EVAL = {"data": "shapes:12:5"}
+
+
+class FakeWeights:
+    """A weight stage standing in for edgemm.compress in tests: zeroes the smallest half of every
+    decoder Linear weight; `fail` interrupts it like Ctrl-C."""
+
+    calls = 0
+    fail = False
+
+    @staticmethod
+    def validate(opts):
+        if "fraction" not in opts:
+            raise EdgemmError("fake: needs fraction")
+        return dict(opts)
+
+    @classmethod
+    def run(cls, loaded, opts, ctx):
+        cls.calls += 1
+        if cls.fail:
+            raise KeyboardInterrupt
+        n = 0
+        with torch.no_grad():
+            for name, mod in loaded.model.text.named_modules():
+                if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
+                    w = mod.weight
+                    thr = w.abs().flatten().kthvalue(int(w.numel() * opts["fraction"])).values
+                    w[w.abs() <= thr] = 0
+                    n += 1
+        return loaded, {"layers": n}
+
+
+@pytest.fixture()
+def fake_stage(monkeypatch):
+    monkeypatch.setitem(EXTRA_STAGES, "fake", (FakeWeights.validate, FakeWeights.run))
+    FakeWeights.calls, FakeWeights.fail = 0, False
+    return FakeWeights
+
+
+def _recipe(**extra):
+    return {"name": "t", "description": "test", "eval": EVAL,
+            "stages": [{"tokens": "fastervlm:0.25"}, {"fake": {"fraction": 0.5}, "name": "prune"}], **extra}
+
+
+def test_shipped_recipes_load_and_validate():
+    names = shipped()
+    assert {"laptop", "phone-npu", "tiny"} <= set(names)
+    pn = load_recipe("phone-npu")
+    assert [s.type for s in pn.stages] == ["distill", "tokens", "sparsify", "quantize"]
+    assert pn.stages[1].options["keep"] == 0.25
+    for n in names:
+        assert load_recipe(n).stages
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ({"stages": []}, "non-empty"),
+    ({"stages": [{"zip": {}}]}, "unknown stage type"),
+    ({"stages": [{"tokens": "nope:0.5"}]}, "unknown visual-token method"),
+    ({"stages": [{"tokens": "fastervlm:0.5"}, {"tokens": "pool:0.25"}]}, "two stages are named"),
+    ({"stages": [{"distill": {"steps": 0}}]}, "steps must be >= 1"),
+    ({"stages": [{"distill": {"bogus": 1}}]}, "unknown distill option"),
+    ({"stages": [{"tokens": "fastervlm:0.5"}], "extra": 1}, "unknown field"),
+    ({"stages": [{"quantize": {"bits": 4}}]}, "needs a method"),
+])
+def test_bad_recipes_are_refused(bad, msg):
+    with pytest.raises(EdgemmError, match=msg):
+        load_recipe(bad)
+
+
+def test_recipe_yaml_errors(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("stages: [tokens: {")
+    with pytest.raises(EdgemmError, match="not valid YAML"):
+        load_recipe(p)
+    with pytest.raises(EdgemmError, match="unknown recipe"):
+        load_recipe("no-such-recipe")
+
+
+def test_runner_writes_checkpoint_and_report_after_each_stage(tmp_path, tiny_ckpt, fake_stage):
+    from edgemm.models import load_model
+    from edgemm.recipes.runner import run_recipe
+
+    rep = run_recipe(str(tiny_ckpt), _recipe(), tmp_path / "out", quiet=True)
+    rows = rep["rows"]
+    assert [r["stage"] for r in rows] == ["input", "tokens", "prune"]
+    assert [r["visual_tokens"] for r in rows] == [16, 4, 4]
+    assert rows[1]["prefill_flops"] < rows[0]["prefill_flops"] and rows[2]["prefill_flops"] == rows[1]["prefill_flops"]
+    assert all(r["n"] == 12 for r in rows) and rows[0]["pct_of_input"] == 100.0
+    assert rows[2]["info"] == {"layers": 2 * 7}
+    out = tmp_path / "out"
+    for f in ("report.json", "report.md", "report.png"):
+        assert (out / f).stat().st_size > 0
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert "| prune |" in md and "| tokens |" in md
+    lm = load_model(str(out / "model"))
+    assert lm.config.extras["visual_tokens"] == {"method": "fastervlm", "keep": 0.25}
+    zeros = (lm.model.text.layers[0].mlp.up_proj.weight == 0).float().mean().item()
+    assert zeros >= 0.5
+    assert json.loads((out / "report.json").read_text())["rows"][2]["accuracy"] == rows[2]["accuracy"]
+
+
+def test_runner_resumes_after_an_interruption(tmp_path, tiny_ckpt, fake_stage):
+    from edgemm.recipes.runner import run_recipe
+
+    fake_stage.fail = True
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(str(tiny_ckpt), _recipe(), tmp_path / "out", quiet=True)
+    # the first stage and its report survived the interruption
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [r["stage"] for r in rep["rows"]] == ["input", "tokens"]
+    assert not (tmp_path / "out" / "model").exists()
+    fake_stage.fail = False
+    said = []
+    rep = run_recipe(str(tiny_ckpt), _recipe(), tmp_path / "out", quiet=True, say=said.append)
+    assert [r["cached"] for r in rep["rows"]] == [True, True, False]
+    assert any("stage 1 tokens: cached" in s for s in said) and fake_stage.calls == 2
+    # a third run recomputes nothing; a changed stage recomputes from there on
+    rep = run_recipe(str(tiny_ckpt), _recipe(), tmp_path / "out", quiet=True)
+    assert all(r["cached"] for r in rep["rows"]) and fake_stage.calls == 2
+    changed = _recipe()
+    changed["stages"][1] = {"fake": {"fraction": 0.25}, "name": "prune"}
+    rep = run_recipe(str(tiny_ckpt), changed, tmp_path / "out", quiet=True)
+    assert [r["cached"] for r in rep["rows"]] == [True, True, False] and fake_stage.calls == 3
+    # the resumed result equals a run that was never interrupted
+    straight = run_recipe(str(tiny_ckpt), _recipe(), tmp_path / "straight", quiet=True)
+    again = run_recipe(str(tiny_ckpt), _recipe(), tmp_path / "out", quiet=True)
+    assert [r["accuracy"] for r in straight["rows"]] == [r["accuracy"] for r in again["rows"]]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "out" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_runner_with_a_distill_stage(tmp_path, tiny_ckpt):
+    from edgemm.recipes.runner import run_recipe
+
+    cfg = tiny_config()
+    cfg.text.hidden_size, cfg.text.intermediate_size, cfg.text.num_layers = 24, 32, 1
+    cfg.text.num_heads, cfg.text.num_kv_heads, cfg.text.head_dim = 2, 1, 12
+    (tmp_path / "student.json").write_text(json.dumps(cfg.validate().to_dict()))
+    recipe = {"eval": EVAL, "stages": [{"distill": {"student": str(tmp_path / "student.json"), "steps": 4, "batch_size": 2,
+                                                    "bf16": False}}, {"tokens": "divprune:0.5"}]}
+    rep = run_recipe(str(tiny_ckpt), recipe, tmp_path / "out", quiet=True)
+    r = rep["rows"]
+    assert [x["stage"] for x in r] == ["input", "distill", "tokens"]
+    assert r[1]["params"] < r[0]["params"] and r[1]["weight_bytes"] < r[0]["weight_bytes"]
+    assert r[1]["info"]["stages"][0]["stage"] == "dpt"
+    assert not (tmp_path / "out" / "stages" / "01-distill.work").exists()  # training state dropped once the stage is saved
+
+
+def _linear_macs(model, ids, px):
+    """Multiply-accumulates of every nn.Linear call in a prefill that keeps only the last logits."""
+    from edgemm.models.modeling import expand_mask, positions_from_mask
+
+    macs = {"n": 0}
+
+    def hook(mod, inp, out):
+        macs["n"] += inp[0].numel() // inp[0].shape[-1] * mod.in_features * mod.out_features
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        emb = model.merge_image(ids, model.encode_image(px).embeds)
+        mask = expand_mask(ids, None, model.config.image_token_id, emb.shape[1])
+        model.text(emb, positions_from_mask(mask), None, logits_to_keep=1)
+    for h in hs:
+        h.remove()
+    return macs["n"], emb.shape[1]
+
+
+@pytest.mark.parametrize("setting", [None, "fastervlm:0.25", "pool:0.5", "tome:3"])
+def test_prefill_flops_match_counted_linear_work(setting, demo_tokenizer):
+    from edgemm.processor import Processor
+
+    m = random_model(seed=1)
+    set_visual_tokens(m, setting)
+    proc = Processor(demo_tokenizer, m.config)
+    ids = torch.tensor([proc.encode_prompt("how many objects are there?")])
+    n_text = prompt_text_tokens(proc)
+    assert n_text == ids.shape[1] - 1
+    macs, T = _linear_macs(m, ids, torch.randn(1, 3, 32, 32))
+    f = prefill_flops(m.config, n_text)
+    assert f["prompt_tokens"] == T
+    cfg = m.config
+    n = cfg.vision.num_patches + 1
+    attn = cfg.feature_layer_index * 2 * n * n * cfg.vision.hidden_size  # ViT QK^T and AV
+    t = cfg.text
+    attn += t.num_layers * 2 * t.num_heads * t.head_dim * T * (T + 1) // 2  # causal decoder attention
+    assert f["total"] - f["tokens"] == 2 * (macs + attn)
