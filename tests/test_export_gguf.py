@@ -395,6 +395,16 @@ def test_refuses_what_llamacpp_cannot_represent(demo_tokenizer, tmp_path):
         export(loaded(random_model(cfg), demo_tokenizer), "gguf", tmp_path / "c")
     with pytest.raises(EdgemmError, match="precision"):
         export(loaded(random_model(cfg32(demo_tokenizer)), demo_tokenizer), "gguf", tmp_path / "d", precision="q5_k")
+    # a word-level tokenizer (as in the HF-import tests) has no llama.cpp equivalent that tokenizes alike
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<s>", "</s>", "<image>", "what", "color", "?"]
+    wl = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    wl.pre_tokenizer = pre_tokenizers.Whitespace()
+    wl.add_special_tokens(words[:4])
+    with pytest.raises(EdgemmError, match="only byte-level BPE"):
+        export(loaded(random_model(cfg32(demo_tokenizer)), wl), "gguf", tmp_path / "e")
+    assert not any((tmp_path / n).exists() for n in "abcde")
 
 
 @pytest.mark.parametrize("method,keep", [("divprune", 0.25), ("random", 5)])
