@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 
-def run_demo(n: int = 300, seed: int = 2024, console: Console | None = None) -> dict:
+def run_demo(n: int = 300, seed: int = 2024, console: Console | None = None, story: bool = True,
+             recipe: str = "phone-npu", cache_dir: str | Path | None = None) -> dict:
     import torch
 
     from . import runtimes
@@ -51,4 +54,115 @@ def run_demo(n: int = 300, seed: int = 2024, console: Console | None = None) -> 
         t.add_row("[bold]all", f"[bold]{100 * rep['accuracy']:.1f}%")
         say(t)
         say(f"{rep['questions_per_s']} questions/s batched on {torch.get_num_threads()} threads ({platform.machine()})")
-    return {"model": "demo", "examples": rows, "eval": rep, "load_s": round(load_s, 3)}
+    result = {"model": "demo", "examples": rows, "eval": rep, "load_s": round(load_s, 3)}
+    if story:
+        result["story"] = run_story("demo", recipe, cache_dir, n=n, console=console)
+    return result
+
+
+# --------------------------------------------------------------------------------- compression story
+
+STAGE_WORDS = {
+    "distill": "LLaVA-KD distillation into the small student",
+    "tokens": "visual-token compression",
+    "sparsify": "N:M sparsity",
+    "quantize": "weight quantization",
+}
+
+
+def story_cache_dir(recipe: str) -> Path:
+    """Where `edgemm demo` keeps the recipe's stage outputs: $EDGEMM_CACHE, else ~/.cache/edgemm."""
+    root = Path(os.environ.get("EDGEMM_CACHE") or Path.home() / ".cache" / "edgemm")
+    return root / "demo-story" / recipe
+
+
+def shipped_distilled(model: str, rec) -> dict:
+    """{stage name: the shipped distilled demo student} when it was made exactly as the recipe's distill
+    stage would make it (same teacher, student and options), so the demo need not train it."""
+    import json
+
+    from .distill.trainer import DistillConfig
+    from .models import builtin_path
+
+    path = builtin_path("demo-kd")
+    log_file = path / "distill_log.json"
+    if model != "demo" or not log_file.is_file():
+        return {}
+    log = json.loads(log_file.read_text())
+    for st in rec.stages:
+        if st.type != "distill":
+            continue
+        opts = dict(st.options)
+        want = DistillConfig.from_dict({k: v for k, v in opts.items() if k != "student"})
+        from dataclasses import asdict
+
+        same = (log.get("teacher") == "demo" and log.get("student_config") == opts.get("student", "demo-small")
+                and json.loads(json.dumps(asdict(want))) == log.get("config"))
+        return {st.name: path} if same else {}
+    return {}
+
+
+def run_story(model: str = "demo", recipe: str = "phone-npu", cache_dir: str | Path | None = None, n: int = 300,
+              console: Console | None = None) -> dict:
+    """Run a shipped recipe on the demo model (cached stage by stage), evaluating after every stage on the
+    first n held-out questions, and tell what each stage bought."""
+    import torch
+
+    from .data import HELDOUT
+    from .recipes import load_recipe
+    from .recipes.runner import run_recipe
+
+    torch.set_num_threads(2)
+    say = console.print if console else (lambda *a, **k: None)
+    rec = load_recipe(recipe)
+    out = Path(cache_dir) if cache_dir else story_cache_dir(rec.name)
+    prebuilt = shipped_distilled(model, rec)
+    say(f"\n[bold]the compression story[/bold]: recipe [bold]{rec.name}[/bold] on {model} "
+        f"({' -> '.join(s.type for s in rec.stages)}); stage outputs cached in {out}")
+    if rec.description:
+        say(f"[dim]{rec.description.strip()}[/dim]")
+    t0 = time.perf_counter()
+    notes: list[str] = []
+
+    def progress_note(text: str) -> None:
+        notes.append(text)
+        say(f"  [dim]{text}[/dim]")
+
+    rep = run_recipe(model, rec, out, eval_data=HELDOUT, eval_limit=n, quiet=True, say=progress_note, prebuilt=prebuilt)
+    wall = time.perf_counter() - t0
+    rows = rep["rows"]
+    base = rows[0]
+    if console:
+        t = Table(title=f"{rec.name} on {model}: first {n} held-out questions ({HELDOUT}), one image + question prefill")
+        for c in ("stage", "what it does", "accuracy", "% of teacher", "weights MB", "prefill MFLOPs", "visual tokens", "from"):
+            t.add_column(c, justify="left" if c in ("stage", "what it does", "from") else "right")
+        for r in rows:
+            info = r.get("info") or {}
+            what = "the teacher" if r["type"] == "input" else STAGE_WORDS.get(r["type"], r["type"])
+            if r["type"] == "tokens" and r.get("visual_token_setting"):
+                s = r["visual_token_setting"]
+                what += f" ({s['method']}, keep {s['keep']})"
+            elif r["type"] in ("sparsify", "quantize") and isinstance(info.get("config"), dict):
+                c = info["config"]
+                what += f" ({c.get('method')}" + (f" {c['pattern']}" if c.get("pattern") else "") + \
+                    (f" int{c['bits']} g{c['group_size']}" if c.get("bits") and c.get("method") != "w8a8" else "") + ")"
+            elif r["type"] == "distill":
+                what += f" ({r['params'] / 1e6:.1f}M params)"
+            src = "cached" if r.get("cached") else ("shipped checkpoint" if "prebuilt" in info else "computed now")
+            pct = r.get("pct_of_input")
+            t.add_row(r["stage"], what, f"{100 * r['accuracy']:.1f}%", "-" if pct is None else f"{pct:.1f}%",
+                      f"{r['weight_bytes'] / 1e6:.2f}", f"{r['prefill_flops'] / 1e6:.1f}", str(r["visual_tokens"]), src)
+        say(t)
+        last = rows[-1]
+        kept = "" if last["pct_of_input"] is None else f", {last['pct_of_input']:.1f}% of the teacher's accuracy on these {n} questions"
+        say(f"{rec.name}: {base['weight_bytes'] / last['weight_bytes']:.1f}x smaller weights, "
+            f"{base['prefill_flops'] / last['prefill_flops']:.1f}x fewer prefill FLOPs{kept} "
+            f"(story took {wall:.0f} s; rerun to reuse the cache, or delete {out} to recompute).")
+        cached = [r["stage"] for r in rows if r.get("cached")]
+        shipped_rows = [r["stage"] for r in rows if "prebuilt" in (r.get("info") or {})]
+        if cached:
+            say(f"cached from an earlier run: {', '.join(cached)}")
+        if shipped_rows:
+            say(f"taken from the shipped distilled student (edgemm/assets/demo-kd, made by `edgemm distill demo "
+                f"--student-config demo-small`): {', '.join(shipped_rows)}")
+    return {"recipe": rec.name, "cache_dir": str(out), "rows": rows, "wall_s": round(wall, 1)}

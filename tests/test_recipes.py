@@ -202,3 +202,24 @@ def test_prefill_flops_match_counted_linear_work(setting, demo_tokenizer):
     t = cfg.text
     attn += t.num_layers * 2 * t.num_heads * t.head_dim * T * (T + 1) // 2  # causal decoder attention
     assert f["total"] - f["tokens"] == 2 * (macs + attn)
+
+
+def test_demo_story_reports_each_stage_and_reuses_its_cache(tmp_path, tiny_ckpt, fake_stage):
+    import io
+
+    from rich.console import Console
+
+    from edgemm.demo import run_story
+
+    buf = io.StringIO()
+    con = Console(file=buf, width=200)
+    rep = run_story(str(tiny_ckpt), _recipe(), tmp_path / "cache", n=6, console=con)
+    text = buf.getvalue()
+    assert [r["stage"] for r in rep["rows"]] == ["input", "tokens", "prune"]
+    assert "computed now" in text and "the teacher" in text and "visual-token compression (fastervlm, keep 0.25)" in text
+    buf.truncate(0)
+    buf.seek(0)
+    rep = run_story(str(tiny_ckpt), _recipe(), tmp_path / "cache", n=6, console=con)
+    text = buf.getvalue()
+    assert all(r["cached"] for r in rep["rows"]) and fake_stage.calls == 1
+    assert "cached from an earlier run: input, tokens, prune" in text

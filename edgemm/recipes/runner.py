@@ -154,8 +154,13 @@ def _eval_key(ctx: RunContext) -> str:
 
 
 def run_recipe(model: str, recipe, out: str | Path, eval_data: str | None = None, eval_limit: int | None = None,
-               batch_size: int | None = None, quiet: bool = False, say: Callable[[str], None] | None = None) -> dict:
-    """Run `recipe` (name, path, dict or Recipe) on `model`, writing OUT as described above. Returns the report."""
+               batch_size: int | None = None, quiet: bool = False, say: Callable[[str], None] | None = None,
+               prebuilt: dict[str, str | Path] | None = None) -> dict:
+    """Run `recipe` (name, path, dict or Recipe) on `model`, writing OUT as described above. Returns the report.
+
+    `prebuilt` maps a stage name to a checkpoint directory that already holds that stage's output for
+    this input (e.g. the shipped distilled demo student): when the stage is not cached, the checkpoint
+    is copied in instead of running the stage, and its info says so."""
     from ..data import HELDOUT
     from ..models import load_model
     from ..models.checkpoint import load_checkpoint, save_checkpoint
@@ -218,11 +223,20 @@ def run_recipe(model: str, recipe, out: str | Path, eval_data: str | None = None
             if not loaded_is_current:
                 current = load_checkpoint(last_dir / "model", source=f"{model} after {rec.stages[i - 2].name}")
                 loaded_is_current = True
-            say(f"stage {i} {st.name}: running ({st.type})")
             ctx.work_dir = stages_dir / f"{i:02d}-{st.name}.work"
             t0 = time.time()
-            runner = STAGE_RUNNERS.get(st.type) or EXTRA_STAGES[st.type][1]
-            current, info = runner(current, dict(st.options), ctx)
+            pre = (prebuilt or {}).get(st.name)
+            if pre is not None:
+                say(f"stage {i} {st.name}: using the prebuilt checkpoint {pre}")
+                current = load_checkpoint(Path(pre), source=str(pre))
+                info = {"prebuilt": str(pre)}
+                log = Path(pre) / "distill_log.json"
+                if log.is_file():
+                    info["prebuilt_wall_s"] = json.loads(log.read_text()).get("wall_s")
+            else:
+                say(f"stage {i} {st.name}: running ({st.type})")
+                runner = STAGE_RUNNERS.get(st.type) or EXTRA_STAGES[st.type][1]
+                current, info = runner(current, dict(st.options), ctx)
             wall = round(time.time() - t0, 1)
             save_checkpoint(current.model, current.processor, d / "model", metadata={"recipe": rec.name, "stage": st.name})
             meta = {"key": key, "stage": st.to_dict(), "info": info, "wall_s": wall, "row": None}
