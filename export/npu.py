@@ -454,18 +454,12 @@ def build_vision(path: Path, loaded, quantize: bool = True, n_calib: int = 32) -
     Returns its precision."""
     import tempfile
 
-    import torch
+    from .onnx import _float_copy as onnx_float_model
+    from .onnx import export_vision
 
-    from .onnx import _export, _modules
-
-    VisionEncoder, _, _ = _modules()
-    cfg = loaded.config
-    s = cfg.vision.image_size
     with tempfile.TemporaryDirectory(prefix="edgemm-npu-") as td:
         f32 = Path(td) / "vision_f32.onnx"
-        with torch.no_grad():
-            _export(VisionEncoder(loaded.model.eval()), (torch.randn(1, cfg.vision.num_channels, s, s),), f32,
-                    ["pixel_values"], ["image_features"], None)
+        export_vision(onnx_float_model(loaded.model), f32, static=True)
         if not quantize:
             import shutil
 

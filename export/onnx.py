@@ -128,14 +128,21 @@ def _modules():
 
 def encode_image_for_export(model, pixel_values):
     """Projected visual tokens, with the config's visual-token compression applied when set."""
+    from .bundle import visual_token_count
+
     vt = model.config.extras.get("visual_tokens")
     if vt:
         try:
-            from edgemm.tokens import compress_image_features  # written by the token-compression work
+            from edgemm.tokens.apply import compress_image
         except ImportError:
             raise EdgemmError("this model sets visual_tokens but edgemm.tokens (token compression) is not available") from None
-        return compress_image_features(model, pixel_values)
-    return model.encode_image(pixel_values).embeds
+        embeds = compress_image(model, pixel_values, vt).embeds
+    else:
+        embeds = model.encode_image(pixel_values).embeds
+    want = visual_token_count(model.config)
+    if embeds.shape[1] != want:
+        raise EdgemmError(f"exporter bug: the vision encoder gives {embeds.shape[1]} visual tokens, the config implies {want}")
+    return embeds
 
 
 def _export(module, args, path: Path, input_names, output_names, dynamic_axes):
@@ -150,6 +157,72 @@ def _export(module, args, path: Path, input_names, output_names, dynamic_axes):
                           output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
 
 
+def _sort_symbolic(g, self, *args):
+    """aten::sort (also the stable overload, which the TorchScript exporter rejects) as ONNX TopK
+    over the whole axis. TopK breaks ties by the lower index, which is exactly a stable sort."""
+    from torch.onnx import symbolic_helper
+
+    dim, desc = args[-2], args[-1]
+    dim = symbolic_helper._parse_arg(dim, "i")
+    desc = symbolic_helper._parse_arg(desc, "i")
+    import torch
+
+    size = g.op("Gather", g.op("Shape", self), g.op("Constant", value_t=torch.tensor([dim], dtype=torch.int64)), axis_i=0)
+    return g.op("TopK", self, size, axis_i=dim, largest_i=int(bool(desc)), sorted_i=1, outputs=2)
+
+
+def export_vision(model, path: Path, static: bool = False) -> str:
+    """The vision encoder (with visual-token compression) as ONNX, checked against torch on random
+    images at batch 1 and 3 (batch 1 only when `static`: fixed shape [1, C, S, S] for NPUs).
+    TorchScript exporter first (with a TopK sort); the torch.export-based exporter as the fallback
+    for what it cannot trace (e.g. DivPrune's torch.eye). Returns the exporter used."""
+    import numpy as np
+    import torch
+
+    VisionEncoder, _, _ = _modules()
+    cfg = model.config
+    s, ch = cfg.vision.image_size, cfg.vision.num_channels
+    mod = VisionEncoder(model).eval()
+    batch = 1 if static else 2
+    dyn_axes = None if static else {"pixel_values": {0: "batch_size"}, "image_features": {0: "batch_size"}}
+    dyn_shapes = None if static else ({0: torch.export.Dim("batch_size", min=1, max=4096)},)
+    errors = []
+    for how in ("torchscript", "dynamo"):
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if how == "torchscript":
+                    torch.onnx.register_custom_op_symbolic("aten::sort", _sort_symbolic, OPSET)
+                    try:
+                        _export(mod, (torch.randn(batch, ch, s, s),), path, ["pixel_values"], ["image_features"], dyn_axes)
+                    finally:
+                        torch.onnx.unregister_custom_op_symbolic("aten::sort", OPSET)
+                else:
+                    with _quiet():
+                        torch.onnx.export(mod, (torch.randn(batch, ch, s, s),), str(path), dynamo=True,
+                                          input_names=["pixel_values"], output_names=["image_features"],
+                                          dynamic_shapes=dyn_shapes,
+                                          external_data=False, verbose=False)
+            _check(path)
+            import onnxruntime as ort
+
+            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            gen = torch.Generator().manual_seed(0)
+            for b in ((1,) if static else (1, 3)):
+                px = torch.randn(b, ch, s, s, generator=gen)
+                with torch.no_grad():
+                    ref = mod(px).numpy()
+                got = sess.run(None, {"pixel_values": px.numpy()})[0]
+                if got.shape != ref.shape or np.abs(got - ref).max() > 1e-3 * max(1.0, float(np.abs(ref).max())):
+                    raise EdgemmError(f"the {how}-exported vision encoder disagrees with torch")
+            return how
+        except EdgemmError as e:
+            errors.append(f"{how}: {e}")
+        except Exception as e:  # exporter failures come as many types
+            errors.append(f"{how}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    raise EdgemmError("cannot export the vision encoder to ONNX (" + "; ".join(errors) + ")")
+
+
 def kv_names(n_layers: int):
     ins, outs = [], []
     for i in range(n_layers):
@@ -162,18 +235,15 @@ def export_fp32(model, out_dir: Path) -> dict[str, Path]:
     """Write the three fp32 graphs into out_dir; -> {role: path}."""
     import torch
 
-    VisionEncoder, EmbedTokens, Decoder = _modules()
+    _, EmbedTokens, Decoder = _modules()
     cfg = model.config
     tc = cfg.text
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     model = model.eval()
     with torch.no_grad():
-        s = cfg.vision.image_size
         paths["vision_encoder"] = out_dir / "vision_encoder.onnx"
-        _export(VisionEncoder(model), (torch.randn(2, cfg.vision.num_channels, s, s),), paths["vision_encoder"],
-                ["pixel_values"], ["image_features"],
-                {"pixel_values": {0: "batch_size"}, "image_features": {0: "batch_size"}})
+        export_vision(model, paths["vision_encoder"])
         paths["embed_tokens"] = out_dir / "embed_tokens.onnx"
         _export(EmbedTokens(model), (torch.zeros(2, 5, dtype=torch.int64),), paths["embed_tokens"],
                 ["input_ids"], ["inputs_embeds"],

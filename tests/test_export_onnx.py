@@ -234,3 +234,20 @@ def test_int4_maps_edgemm_weights_verbatim(demo_tokenizer, tmp_path, asym):
             z = layer.mlp.down_proj.zeros.numpy()
             z = np.concatenate([z, np.zeros((z.shape[0], z.shape[1] % 2), np.uint8)], 1)  # odd group count
             assert (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8).tobytes() in blobs
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "tome"])
+def test_visual_token_compression_inside_the_vision_encoder(demo_tokenizer, tmp_path, questions, method):
+    pytest.importorskip("edgemm.tokens.apply", reason="visual-token compression (edgemm.tokens) is not in this tree")
+    model = random_model()
+    model.config.extras["visual_tokens"] = {"method": method, "keep": 0.25}
+    lm = loaded(model, demo_tokenizer)
+    man, root = export(lm, "onnx", tmp_path / "vt"), tmp_path / "vt"
+    k = man["num_visual_tokens"]
+    assert k == 4  # 16 patches x 0.25
+    ims, qs = questions
+    sess = runtimes.load(root)
+    ids, mask, px = sess._inputs(ims[:2], qs[:2])
+    assert sess.encode_images(px).shape == (2, k, model.config.text.hidden_size)
+    ref = runtimes.load(lm)
+    assert sess.generate_batch(ims[:6], qs[:6], max_new_tokens=5) == ref.generate_batch(ims[:6], qs[:6], max_new_tokens=5)
