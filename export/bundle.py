@@ -136,13 +136,11 @@ class BundleWriter:
 
 
 def visual_token_count(cfg) -> int:
-    """Visual tokens per image after token compression (if the config sets one)."""
-    vt = cfg.extras.get("visual_tokens")
-    n = cfg.num_visual_tokens
-    if not vt:
-        return n
-    keep = vt.get("keep")
-    return int(keep) if isinstance(keep, int) or (isinstance(keep, float) and keep >= 1) else max(1, int(round(n * float(keep))))
+    """Visual tokens per image after token compression (if the config sets one): edgemm.tokens'
+    count, the one the torch reference produces ([CLS] included when fed, pooling's grid rule)."""
+    from edgemm.tokens import visual_token_count as count
+
+    return count(cfg)
 
 
 @contextlib.contextmanager
