@@ -81,7 +81,7 @@ def info(model: str = typer.Argument(..., help=MODEL_HELP), as_json: bool = type
 
     lm = load_model(model)
     cfg = lm.config
-    params = {c: sum(p.numel() for n, p in lm.model.named_parameters() if n.startswith(c + ".")) for c in ("vision", "projector", "text")}
+    params = {c: _param_count(lm.model, c) for c in ("vision", "projector", "text")}
     nbytes = component_bytes(lm.model)
     report = {
         "model": model,
@@ -94,6 +94,7 @@ def info(model: str = typer.Argument(..., help=MODEL_HELP), as_json: bool = type
                  "intermediate_size": cfg.text.intermediate_size, "context": cfg.text.max_position_embeddings},
         "parameters": {**params, "total": sum(params.values())},
         "bytes": {**nbytes, "total": sum(nbytes.values())},
+        **_compression_info(lm.model),
     }
     if as_json:
         _print_json(report)
@@ -111,6 +112,48 @@ def info(model: str = typer.Argument(..., help=MODEL_HELP), as_json: bool = type
         t.add_row(c, f"{params[c]:,}", f"{nbytes.get(c, 0):,}", shapes[c])
     t.add_row("total", f"{report['parameters']['total']:,}", f"{report['bytes']['total']:,}", f"{v['visual_tokens']} visual tokens per image")
     out.print(t)
+    _print_layers(model, report)
+
+
+def _param_count(model, comp: str) -> int:
+    """Parameters of a component; a packed (quantized) layer counts its logical in x out weights."""
+    n = sum(p.numel() for name, p in model.named_parameters() if name.startswith(comp + "."))
+    for name, mod in model.named_modules():
+        if name.startswith(comp + ".") and hasattr(mod, "qweight") and hasattr(mod, "in_features"):
+            n += mod.in_features * mod.out_features
+    return n
+
+
+def _compression_info(model) -> dict:
+    """Per-layer storage formats (edgemm.compress), W8A8 outlier channels, N:M layouts, total weight bytes."""
+    from .compress import layer_formats, weight_bytes
+
+    layers = layer_formats(model)
+    summary: dict[str, dict] = {}
+    for d in layers.values():
+        key = d["format"] + (f"+{d['nm']}" if "nm" in d else "")
+        s = summary.setdefault(key, {"layers": 0, "bytes": 0})
+        s["layers"] += 1
+        s["bytes"] += d["bytes"]
+    return {"weight_bytes": weight_bytes(model), "formats": summary, "layers": layers}
+
+
+def _print_layers(model: str, report: dict) -> None:
+    t = Table(title=f"{model}: linear layers")
+    for col in ("layer", "shape", "format", "group", "N:M", "outliers", "bytes"):
+        t.add_column(col, justify="right" if col in ("group", "outliers", "bytes") else "left",
+                     overflow="fold")
+    for name, d in report["layers"].items():
+        fmt = d["format"] + (f" ({d['method']})" if d.get("method") else "")
+        if d["format"] in ("int4", "int8"):
+            fmt += "" if d.get("symmetric", True) else " asym"
+        outl = str(d["outlier_channels"]) + ("" if d.get("shadow", True) else " (no shadow)") if d["format"] == "w8a8" else ""
+        group = "" if "group_size" not in d else ("channel" if d["group_size"] == d["in_features"] else str(d["group_size"]))
+        nm = f"{d['nm']} ({d.get('sparsity_method')})" if "nm" in d else ""
+        t.add_row(name, f"{d['out_features']}x{d['in_features']}", fmt, group, nm, outl, f"{d['bytes']:,}")
+    out.print(t)
+    fm = ", ".join(f"{k}: {v['layers']} layers" for k, v in report["formats"].items())
+    out.print(f"total weight bytes {report['weight_bytes']:,} ({fm})")
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -277,13 +320,16 @@ def train_demo_cmd(out_dir: Optional[Path] = typer.Option(None, "--out", help="w
 
 
 @app.command()
-def demo(n: int = typer.Option(300, help="questions in the accuracy check"),
+def demo(n: int = typer.Option(300, help="questions in the accuracy check (and per stage of the compression story)"),
          seed: int = typer.Option(2024, help="seed of the demo questions"),
+         story: bool = typer.Option(True, "--story/--no-story", help="then run a compression recipe stage by stage"),
+         recipe: str = typer.Option("phone-npu", help="the recipe of the compression story"),
+         cache_dir: Optional[Path] = typer.Option(None, help="stage cache of the story (default $EDGEMM_CACHE or ~/.cache/edgemm)"),
          as_json: bool = typer.Option(False, "--json", help="print JSON")):
-    """A tour on the built-in demo model: answer a few questions about shapes images, then measure."""
+    """A tour on the built-in demo model: answer questions about shapes images, measure, then compress it."""
     from .demo import run_demo
 
-    rep = run_demo(n=n, seed=seed, console=None if as_json else out)
+    rep = run_demo(n=n, seed=seed, console=None if as_json else out, story=story, recipe=recipe, cache_dir=cache_dir)
     if as_json:
         _print_json(rep)
 
@@ -292,7 +338,7 @@ def demo(n: int = typer.Option(300, help="questions in the accuracy check"),
 
 # Each feature area registers its own commands: a module with `register(app)` (imports inside the
 # command functions, so that `edgemm --help` stays fast and torch-free).
-COMMAND_MODULES: list[str] = ["edgemm.tokens.cli", "edgemm.distill.cli", "edgemm.recipes.cli"]
+COMMAND_MODULES: list[str] = ["edgemm.tokens.cli", "edgemm.distill.cli", "edgemm.recipes.cli", "edgemm.compress.cli"]
 
 
 def _register() -> None:

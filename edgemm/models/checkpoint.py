@@ -127,6 +127,8 @@ def load_checkpoint(path: str | Path, source: str | None = None) -> LoadedModel:
     with torch.device("meta"):
         model = EdgeVLM(cfg)
     model = model.to_empty(device="cpu")
+    if "quantization" in cfg.extras or "sparsity" in cfg.extras:
+        import edgemm.compress.restore  # noqa: F401  (registers the restorers of packed / sparse layers)
     for key, restore in RESTORERS.items():
         if key in cfg.extras:
             restore(model, cfg.extras[key])
