@@ -21,6 +21,7 @@ prefill and decode come from llama.cpp's own perf counters (llama_perf_context).
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 from pathlib import Path
 from typing import Iterator
@@ -30,6 +31,13 @@ import numpy as np
 from edgemm.errors import EdgemmError
 
 from .base import GenerateOptions, Session, bundle_processor
+
+# llama.cpp's CPU backend runs its threads with OpenMP, which by default spins at every op barrier. On a
+# CPU shared with other work (a phone, a laptop, this 2-core CI machine) a spinning thread whose partner
+# was descheduled burns its time slice: 2 threads measured 10-20x slower than 1 thread here under load,
+# and as fast as 1 thread with passive waiting. libgomp reads this when llama.cpp's library is loaded,
+# so it is set before llama_cpp is imported (unless the user chose a policy).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 IMAGE_MARKER = "<image>"  # edgemm's template marker, also given to mtmd as its media marker
 _LOG: list[str] = []  # recent llama.cpp log lines (errors are reported from here)
