@@ -357,6 +357,9 @@ class LlamaCppSession(Session):
             raise EdgemmError(f"mtmd could not encode the image ({r}): {_last_error()}")
         if self.cls_fix is not None and self.cls_fix.error:
             raise EdgemmError(self.cls_fix.error)
+        if self.cls_fix is not None and self.cls_fix.enabled and self.cls_fix.layout is None:
+            raise EdgemmError("this llama.cpp build's mtmd encoder graph has no [CLS] concat the adapter can check "
+                              "(llama.cpp bug #25814): cannot verify the visual tokens; pass cls_fix=False to run anyway")
         n = mt.mtmd_input_chunk_get_n_tokens(chunk)
         ptr = mt.mtmd_get_output_embd(self.mctx)
         return np.ctypeslib.as_array(ptr, shape=(n * self.n_embd,)).reshape(n, self.n_embd).copy()

@@ -323,6 +323,19 @@ def test_quantized_files_load_answer_and_compute_what_they_hold(prec, sessions, 
         assert np.corrcoef(got, torch_logits(tiny, img, q))[0, 1] > (0.99 if prec == "q8_0" else 0.9)
 
 
+@pytest.mark.parametrize("mp,tol", [("f32", 0.02), ("q8_0", 0.05)])
+def test_mmproj_precisions(mp, tol, tiny, tmp_path, questions):
+    man = export(tiny, "gguf", tmp_path / "b", mmproj_precision=mp)
+    assert {a["role"]: a["precision"] for a in man["artifacts"]}["mmproj"] == mp
+    s = open_llama(tmp_path / "b")
+    try:
+        img = questions[0][0]
+        ref, got = torch_embeds(tiny, img), s.encode_image(img)
+        assert np.abs(got - ref).max() < tol * np.abs(ref).max()
+    finally:
+        s.close()
+
+
 @pytest.mark.parametrize("bits,expect", [(8, "q8_0"), (4, "q4_0")])
 def test_packed_int_layers_map_bit_exactly(bits, expect, demo_tokenizer, tmp_path, questions):
     import gguf
