@@ -223,3 +223,27 @@ def test_demo_story_reports_each_stage_and_reuses_its_cache(tmp_path, tiny_ckpt,
     text = buf.getvalue()
     assert all(r["cached"] for r in rep["rows"]) and fake_stage.calls == 1
     assert "cached from an earlier run: input, tokens, prune" in text
+
+
+def test_runner_chains_the_real_weight_methods(tmp_path, tiny_ckpt):
+    """tokens -> 2:4 (magnitude) -> W8A8 with shadow outliers, through edgemm.compress; the stage
+    checkpoints reload (packed layers restored) and the bytes shrink."""
+    from edgemm.compress import layer_formats
+    from edgemm.models import load_model
+    from edgemm.recipes.runner import run_recipe
+
+    recipe = {"eval": EVAL, "stages": [{"tokens": "fastervlm:0.5"},
+                                       {"sparsify": {"method": "magnitude", "pattern": "2:4"}},
+                                       {"quantize": {"method": "w8a8", "shadow": True, "calibration": {"n": 8}}}]}
+    rep = run_recipe(str(tiny_ckpt), recipe, tmp_path / "out", quiet=True)
+    r = rep["rows"]
+    assert [x["type"] for x in r] == ["input", "tokens", "sparsify", "quantize"]
+    assert r[3]["weight_bytes"] < 0.6 * r[2]["weight_bytes"] and r[3]["weight_bytes_source"] == "edgemm.compress.weight_bytes"
+    assert r[2]["info"]["method"] == "magnitude" and r[3]["info"]["method"] == "w8a8"
+    lm = load_model(str(tmp_path / "out" / "model"))
+    fmts = layer_formats(lm.model)
+    assert fmts["text.layers.0.mlp.up_proj"]["format"] == "w8a8" and fmts["text.layers.0.mlp.up_proj"]["nm"] == "2:4"
+    assert lm.config.extras["visual_tokens"]["method"] == "fastervlm"
+    # resume: everything cached, and the cached rows match
+    again = run_recipe(str(tiny_ckpt), recipe, tmp_path / "out", quiet=True)
+    assert all(x["cached"] for x in again["rows"]) and [x["accuracy"] for x in again["rows"]] == [x["accuracy"] for x in r]
