@@ -31,6 +31,7 @@ from edgemm.errors import EdgemmError
 from .bundle import Artifact
 
 OPSET = 17
+VISION_OUTPUTS = ["image_features", "image_features_flat"]
 PRECISIONS = ("fp32", "int8", "int4")
 SUFFIX = {"fp32": "", "int8": "_int8", "int4": "_q4"}
 JS_DTYPE = {"fp32": "fp32", "int8": "int8", "int4": "q4"}
@@ -59,15 +60,29 @@ def _modules():
             self.model = model
 
         def forward(self, pixel_values):
-            return encode_image_for_export(self.model, pixel_values)
+            feats = encode_image_for_export(self.model, pixel_values)
+            # second output: the same features as [B*K, D] (what onnxruntime-genai's pipeline passes on)
+            return feats, feats.reshape(-1, feats.shape[-1])
 
     class EmbedTokens(nn.Module):
+        """onnxruntime-genai's embedding contract: input_ids -> embeddings, and when `image_features`
+        [N, D] are given (N > 0) the image-token rows take them in order (the prompt holds K image
+        tokens per image). With N = 0 it is a plain lookup, image-token id included."""
+
         def __init__(self, model):
             super().__init__()
             self.embed = model.text.embed_tokens
+            self.image_token_id = model.config.image_token_id
 
-        def forward(self, input_ids):
-            return self.embed(input_ids)
+        def forward(self, input_ids, image_features):
+            emb = self.embed(input_ids)
+            d = emb.shape[-1]
+            flat = torch.cat([image_features.reshape(-1, d).to(emb.dtype), torch.zeros(1, d, dtype=emb.dtype)], 0)
+            # only when features are given: a generated image-token id embeds as itself
+            is_img = (input_ids == self.image_token_id) & (image_features.shape[0] > 0)
+            idx = (torch.cumsum(is_img.to(torch.int64), -1) - 1).clamp(min=0)
+            idx = torch.minimum(idx, torch.full_like(idx, flat.shape[0] - 1))
+            return torch.where(is_img[..., None], flat[idx], emb)
 
     class Decoder(nn.Module):
         """EdgeVLM's TextDecoder with the KV cache as explicit inputs/outputs.
@@ -123,6 +138,15 @@ def _modules():
         half = x.shape[-1] // 2
         return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
+    class EmbedPlain(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.embed = model.text.embed_tokens
+
+        def forward(self, input_ids):
+            return self.embed(input_ids)
+
+    _modules.plain = EmbedPlain
     return VisionEncoder, EmbedTokens, Decoder
 
 
@@ -184,7 +208,8 @@ def export_vision(model, path: Path, static: bool = False) -> str:
     s, ch = cfg.vision.image_size, cfg.vision.num_channels
     mod = VisionEncoder(model).eval()
     batch = 1 if static else 2
-    dyn_axes = None if static else {"pixel_values": {0: "batch_size"}, "image_features": {0: "batch_size"}}
+    dyn_axes = None if static else {"pixel_values": {0: "batch_size"}, "image_features": {0: "batch_size"},
+                                    "image_features_flat": {0: "num_image_tokens"}}
     dyn_shapes = None if static else ({0: torch.export.Dim("batch_size", min=1, max=4096)},)
     errors = []
     for how in ("torchscript", "dynamo"):
@@ -194,13 +219,13 @@ def export_vision(model, path: Path, static: bool = False) -> str:
                 if how == "torchscript":
                     torch.onnx.register_custom_op_symbolic("aten::sort", _sort_symbolic, OPSET)
                     try:
-                        _export(mod, (torch.randn(batch, ch, s, s),), path, ["pixel_values"], ["image_features"], dyn_axes)
+                        _export(mod, (torch.randn(batch, ch, s, s),), path, ["pixel_values"], VISION_OUTPUTS, dyn_axes)
                     finally:
                         torch.onnx.unregister_custom_op_symbolic("aten::sort", OPSET)
                 else:
                     with _quiet():
                         torch.onnx.export(mod, (torch.randn(batch, ch, s, s),), str(path), dynamo=True,
-                                          input_names=["pixel_values"], output_names=["image_features"],
+                                          input_names=["pixel_values"], output_names=VISION_OUTPUTS,
                                           dynamic_shapes=dyn_shapes,
                                           external_data=False, verbose=False)
             _check(path)
@@ -211,8 +236,8 @@ def export_vision(model, path: Path, static: bool = False) -> str:
             for b in ((1,) if static else (1, 3)):
                 px = torch.randn(b, ch, s, s, generator=gen)
                 with torch.no_grad():
-                    ref = mod(px).numpy()
-                got = sess.run(None, {"pixel_values": px.numpy()})[0]
+                    ref = mod(px)[0].numpy()
+                got = sess.run(["image_features"], {"pixel_values": px.numpy()})[0]
                 if got.shape != ref.shape or np.abs(got - ref).max() > 1e-3 * max(1.0, float(np.abs(ref).max())):
                     raise EdgemmError(f"the {how}-exported vision encoder disagrees with torch")
             return how
@@ -236,6 +261,7 @@ def export_fp32(model, out_dir: Path) -> dict[str, Path]:
     import torch
 
     _, EmbedTokens, Decoder = _modules()
+    EmbedPlain = _modules.plain
     cfg = model.config
     tc = cfg.text
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -245,9 +271,15 @@ def export_fp32(model, out_dir: Path) -> dict[str, Path]:
         paths["vision_encoder"] = out_dir / "vision_encoder.onnx"
         export_vision(model, paths["vision_encoder"])
         paths["embed_tokens"] = out_dir / "embed_tokens.onnx"
-        _export(EmbedTokens(model), (torch.zeros(2, 5, dtype=torch.int64),), paths["embed_tokens"],
+        _export(EmbedPlain(model), (torch.zeros(2, 5, dtype=torch.int64),), paths["embed_tokens"],
                 ["input_ids"], ["inputs_embeds"],
                 {"input_ids": {0: "batch_size", 1: "sequence_length"}, "inputs_embeds": {0: "batch_size", 1: "sequence_length"}})
+        paths["embed_genai"] = out_dir / "embed_tokens_genai.onnx"
+        ids = torch.tensor([[1, cfg.image_token_id, cfg.image_token_id, 5, 6]] * 2)
+        _export(EmbedTokens(model), (ids, torch.randn(4, tc.hidden_size)), paths["embed_genai"],
+                ["input_ids", "image_features"], ["inputs_embeds"],
+                {"input_ids": {0: "batch_size", 1: "sequence_length"}, "image_features": {0: "num_image_tokens"},
+                 "inputs_embeds": {0: "batch_size", 1: "sequence_length"}})
         b, t, past = 2, 5, 3
         kv_in, kv_out = kv_names(tc.num_layers)
         pkv = tuple(torch.randn(b, tc.num_kv_heads, past, tc.head_dim) for _ in kv_in)
@@ -501,12 +533,14 @@ def genai_config(cfg, precision: str, max_context: int) -> dict:
     return {
         "model": {
             "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
-            "context_length": max_context, "vocab_size": t.vocab_size, "type": "llava",
+            # genai has no LLaVA type; "gemma3" is its generic vision -> embedding -> decoder pipeline
+            # whose vision model takes only pixel_values (docs/export-onnx.md says what is verified)
+            "context_length": max_context, "vocab_size": t.vocab_size, "type": "gemma3",
             "image_token_id": cfg.image_token_id,
-            "vision": {"filename": file_name("vision_encoder", precision),
+            "vision": {"filename": file_name("vision_encoder", "int8" if precision == "int4" else precision),
                        "inputs": {"pixel_values": "pixel_values"},
-                       "outputs": {"image_features": "image_features"}},
-            "embedding": {"filename": file_name("embed_tokens", precision),
+                       "outputs": {"image_features": "image_features_flat"}},
+            "embedding": {"filename": "onnx/embed_tokens_genai.onnx",
                           "inputs": {"input_ids": "input_ids", "image_features": "image_features"},
                           "outputs": {"inputs_embeds": "inputs_embeds"}},
             "decoder": {
@@ -549,12 +583,18 @@ def write(bw, loaded, precision: str = "fp32", lane: str = "cpu", processor: str
     with tempfile.TemporaryDirectory(prefix="edgemm-onnx-") as td:
         fp = export_fp32(_float_copy(model), Path(td))
         vis_prec = "int8" if precision == "int4" else precision  # the q4 set keeps an int8 vision encoder
-        rel = {r: file_name(r, vis_prec if r == "vision_encoder" else precision) for r in fp}
+        rel = {r: file_name(r, vis_prec if r == "vision_encoder" else precision) for r in ("vision_encoder", "embed_tokens", "decoder")}
         emb = bw.path(rel["embed_tokens"])
         if not emb.exists():
             shutil.copy(fp["embed_tokens"], emb)
             arts.append(Artifact(rel["embed_tokens"], "embed_tokens", "onnx", "fp32", lane, processor, "onnxruntime",
                                  extra={"inputs": ["input_ids"], "outputs": ["inputs_embeds"]}))
+        emb_g = bw.path("onnx/embed_tokens_genai.onnx")
+        if side and not emb_g.exists():
+            shutil.copy(fp["embed_genai"], emb_g)
+            arts.append(Artifact("onnx/embed_tokens_genai.onnx", "embed_tokens_genai", "onnx", "fp32", lane, processor, "",
+                                 extra={"inputs": ["input_ids", "image_features"], "outputs": ["inputs_embeds"],
+                                        "for": "onnxruntime-genai"}))
         extra_dec = {}
         if precision == "fp32":
             shutil.copy(fp["vision_encoder"], bw.path(rel["vision_encoder"]))

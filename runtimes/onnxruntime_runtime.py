@@ -117,7 +117,7 @@ class OnnxSession(Session):
 
     # ------------------------------------------------------------------ pieces
     def encode_images(self, px: np.ndarray) -> np.ndarray:
-        return self.vision.run(None, {"pixel_values": px.astype(np.float32)})[0]
+        return self.vision.run(["image_features"], {"pixel_values": px.astype(np.float32)})[0]
 
     def embed_ids(self, ids: np.ndarray) -> np.ndarray:
         return self.embed.run(None, {"input_ids": ids.astype(np.int64)})[0]
@@ -292,7 +292,7 @@ class NpuSession(OnnxSession):
                 raise EdgemmError(f"the android-npu bundle lacks layer {i}'s {sorted(missing)[0]} graph")
 
     def encode_images(self, px: np.ndarray) -> np.ndarray:
-        return np.concatenate([self.vision.run(None, {"pixel_values": px[i:i + 1].astype(np.float32)})[0]
+        return np.concatenate([self.vision.run(["image_features"], {"pixel_values": px[i:i + 1].astype(np.float32)})[0]
                                for i in range(px.shape[0])])
 
     def embed_ids(self, ids: np.ndarray) -> np.ndarray:

@@ -130,7 +130,8 @@ def test_int8_and_int4_graphs_load_and_answer(bundles, tiny, questions):
         assert len(answers) == 3 and sess.stats["decode_tokens"] >= 0
     assert "MatMulInteger" in ops["int8"] or "DynamicQuantizeMatMul" in ops["int8"]
     assert "MatMulNBits" in ops["int4"]
-    assert bundles["int4"][0]["artifacts"][1]["file"].endswith("_int8.onnx")  # q4 set keeps an int8 vision encoder
+    vis = next(a for a in bundles["int4"][0]["artifacts"] if a["role"] == "vision_encoder")
+    assert vis["file"] == "onnx/vision_encoder_int8.onnx"  # the q4 set keeps an int8 vision encoder
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(bundles, questions):
@@ -251,3 +252,36 @@ def test_visual_token_compression_inside_the_vision_encoder(demo_tokenizer, tmp_
     assert sess.encode_images(px).shape == (2, k, model.config.text.hidden_size)
     ref = runtimes.load(lm)
     assert sess.generate_batch(ims[:6], qs[:6], max_new_tokens=5) == ref.generate_batch(ims[:6], qs[:6], max_new_tokens=5)
+
+
+def test_onnxruntime_genai_runs_the_bundle_with_images(bundles, tiny, questions):
+    """genai_config.json + embed_tokens_genai.onnx: onnxruntime-genai's vision -> embedding -> decoder
+    pipeline gives torch's greedy answers (prompt with K image tokens, pixel_values from edgemm's
+    processor, token ids as int32)."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install onnxruntime-genai)")
+    man, root = bundles["fp32"]
+    ims, qs = questions
+    cfg, proc = tiny.config, tiny.processor
+    k = man["num_visual_tokens"]
+    model = og.Model(str(root))
+    ref = runtimes.load(tiny).generate_batch(ims[:4], qs[:4], max_new_tokens=6)
+    for im, q, want in zip(ims[:4], qs[:4], ref):
+        ids = proc.encode_prompt(q)
+        p = ids.index(cfg.image_token_id)
+        ids = ids[:p] + [cfg.image_token_id] * k + ids[p + 1:]
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 6, do_sample=False)
+        gen = og.Generator(model, params)
+        nt = og.NamedTensors()
+        nt["input_ids"] = np.array([ids], np.int32)
+        nt["pixel_values"] = proc.images([im])
+        nt["num_image_tokens"] = np.array([k], np.int64)
+        gen.set_inputs(nt)
+        toks = []
+        while not gen.is_done() and len(toks) < 6:
+            gen.generate_next_token()
+            t = int(gen.get_next_tokens()[0])
+            if t == cfg.eos_token_id:
+                break
+            toks.append(t)
+        assert proc.decode(toks) == want
