@@ -1,6 +1,6 @@
 // edgemm kernel microbenchmark.
 //
-//   edgemm_kernel_bench [--json] [--threads 1,2] [--reps 7] [--min-ms 60] [--filter substr] [--quick]
+//   edgemm_kernel_bench [--json] [--threads 1,2] [--reps 5] [--min-ms 50] [--filter substr] [--quick]
 //                       [--isa scalar|avx2|avx512_vnni|neon_dotprod]
 //
 // Sections: machine peaks (vpdpbusd / FMA loops, streaming read bandwidth), W8A8 prefill GEMMs at
@@ -39,8 +39,8 @@ namespace {
 struct Options {
   bool json = false, quick = false;
   std::vector<int> threads = {1, 2};
-  int reps = 7;
-  double min_ms = 60;
+  int reps = 5;
+  double min_ms = 50;
   std::string filter;
 } opt;
 

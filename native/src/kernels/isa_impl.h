@@ -24,8 +24,9 @@ struct W8A8GemmArgs {
   int64_t ldy;
   bool accumulate;
 };
-// Computes the output columns of 16-column panels [p0, p1) for all rows.
-using W8A8GemmFn = void (*)(const W8A8GemmArgs&, int64_t p0, int64_t p1);
+// Computes the output columns of 16-column panels [p0, p1) (p0 a multiple of 3) for the 8-row tiles
+// [t0, t1).
+using W8A8GemmFn = void (*)(const W8A8GemmArgs&, int64_t p0, int64_t p1, int64_t t0, int64_t t1);
 // Quantizes rows [r0, r1) (r0 a multiple of 8) into the packed layout, writes row_sum, appends clipped
 // elements (sorted by m, k) to *outliers.
 using W8A8QuantFn = void (*)(const float* x, int64_t ldx, int64_t K, float s_a, uint8_t* packed,

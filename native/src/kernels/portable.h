@@ -220,13 +220,13 @@ void p_w8a8_epilogue(const W8A8GemmArgs& g, int64_t m, int64_t n0, const int32_t
   }
 }
 
-void p_w8a8_gemm(const W8A8GemmArgs& g, int64_t p0, int64_t p1) {
+void p_w8a8_gemm(const W8A8GemmArgs& g, int64_t p0, int64_t p1, int64_t t0, int64_t t1) {
   for (int64_t p = p0; p < p1; ++p) {
     const layout::W8A8PanelPos pp = layout::w8a8_panel(p, g.Kp, g.Np);
     const int8_t* wp = g.w + pp.base;
     int64_t n0 = p * 16, cnt = std::min<int64_t>(16, g.N - n0);
     if (cnt <= 0) continue;
-    for (int64_t t = 0; t * 8 < g.M; ++t) {
+    for (int64_t t = t0; t < t1; ++t) {
       const uint8_t* ap = g.a + t * g.Kp * 8;
       int32_t acc[8][16] = {{0}};
       for (int64_t k4 = 0; k4 < g.Kp / 4; ++k4) {

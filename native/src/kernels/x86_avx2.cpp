@@ -78,10 +78,10 @@ void w8a8_tile(const W8A8GemmArgs& g, const int8_t* w, int64_t k4_stride, const 
   }
 }
 
-void w8a8_gemm(const W8A8GemmArgs& g, int64_t p0, int64_t p1) {
+void w8a8_gemm(const W8A8GemmArgs& g, int64_t p0, int64_t p1, int64_t t0, int64_t t1) {
   for (int64_t p = p0; p < p1; ++p) {
     const layout::W8A8PanelPos pp = layout::w8a8_panel(p, g.Kp, g.Np);
-    for (int64_t t = 0; t < g.Mp / 8; ++t) {
+    for (int64_t t = t0; t < t1; ++t) {
       const int rows = static_cast<int>(std::min<int64_t>(8, g.M - t * 8));
       w8a8_tile(g, g.w + pp.base, pp.k4_stride, g.a + t * g.Kp * 8, rows, p * 16, g.y + t * 8 * g.ldy);
     }

@@ -110,13 +110,29 @@ struct W8A8Epi {
   bool accumulate;
 };
 
+#define EDGEMM_W8A8_LOAD(r)                                                 \
+  if (cin) {                                                                \
+    c##r##0 = _mm512_load_si512(cin + (r * 3 + 0) * 16);                    \
+    if (NP > 1) c##r##1 = _mm512_load_si512(cin + (r * 3 + 1) * 16);       \
+    if (NP > 2) c##r##2 = _mm512_load_si512(cin + (r * 3 + 2) * 16);       \
+  }
+#define EDGEMM_W8A8_SAVE(r)                                                 \
+  _mm512_store_si512(cout + (r * 3 + 0) * 16, c##r##0);                     \
+  if (NP > 1) _mm512_store_si512(cout + (r * 3 + 1) * 16, c##r##1);        \
+  if (NP > 2) _mm512_store_si512(cout + (r * 3 + 2) * 16, c##r##2);
+
+// One 8-row tile over k4 steps [0, k4n) of the (already offset) activation / weight pointers.
+// cin: partial sums to start from (null: zero). cout: where to leave partial sums (null: run the
+// dequant epilogue into y).
 template <int NP>
 EDGEMM_INLINE void w8a8_tile(const uint8_t* a, const int8_t* w, int64_t k4n, const W8A8Epi& e, int rows,
-                             float* y, int64_t ldy) {
+                             float* y, int64_t ldy, const int32_t* cin, int32_t* cout) {
   const __m512i z = _mm512_setzero_si512();
   __m512i c00 = z, c01 = z, c02 = z, c10 = z, c11 = z, c12 = z, c20 = z, c21 = z, c22 = z, c30 = z,
           c31 = z, c32 = z, c40 = z, c41 = z, c42 = z, c50 = z, c51 = z, c52 = z, c60 = z, c61 = z,
           c62 = z, c70 = z, c71 = z, c72 = z;
+  EDGEMM_W8A8_LOAD(0) EDGEMM_W8A8_LOAD(1) EDGEMM_W8A8_LOAD(2) EDGEMM_W8A8_LOAD(3)
+  EDGEMM_W8A8_LOAD(4) EDGEMM_W8A8_LOAD(5) EDGEMM_W8A8_LOAD(6) EDGEMM_W8A8_LOAD(7)
   const int32_t* ap = reinterpret_cast<const int32_t*>(a);
   // The NP panels of a group are interleaved: each k4 step reads NP * 64 contiguous bytes.
   for (int64_t k4 = 0; k4 < k4n; ++k4) {
@@ -133,6 +149,11 @@ EDGEMM_INLINE void w8a8_tile(const uint8_t* a, const int8_t* w, int64_t k4n, con
     w += NP * 64;
     ap += 8;
   }
+  if (cout) {
+    EDGEMM_W8A8_SAVE(0) EDGEMM_W8A8_SAVE(1) EDGEMM_W8A8_SAVE(2) EDGEMM_W8A8_SAVE(3)
+    EDGEMM_W8A8_SAVE(4) EDGEMM_W8A8_SAVE(5) EDGEMM_W8A8_SAVE(6) EDGEMM_W8A8_SAVE(7)
+    return;
+  }
   auto store = [&](float* yr, int q, __m512i acc) {
     __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, e.corr[q]));
     v = _mm512_fmadd_ps(v, e.scale[q], e.bias[q]);
@@ -143,8 +164,12 @@ EDGEMM_INLINE void w8a8_tile(const uint8_t* a, const int8_t* w, int64_t k4n, con
   EDGEMM_W8A8_STORE(4) EDGEMM_W8A8_STORE(5) EDGEMM_W8A8_STORE(6) EDGEMM_W8A8_STORE(7)
 }
 
+#ifndef EDGEMM_W8A8_KC
+#define EDGEMM_W8A8_KC 0  // k4 steps per K block; 0 = no K blocking
+#endif
+
 template <int NP>
-void w8a8_panels(const W8A8GemmArgs& g, int64_t p) {
+void w8a8_panels(const W8A8GemmArgs& g, int64_t p, int64_t t0, int64_t t1) {
   const int64_t k4n = g.Kp / 4;
   const int8_t* w = g.w + layout::w8a8_panel(p, g.Kp, g.Np).base;
   W8A8Epi e;
@@ -157,17 +182,36 @@ void w8a8_panels(const W8A8GemmArgs& g, int64_t p) {
     e.nmask[q] = tail_mask(g.N - n0);
     e.bias[q] = g.bias ? _mm512_maskz_loadu_ps(e.nmask[q], g.bias + n0) : _mm512_setzero_ps();
   }
-  for (int64_t t = 0; t < g.Mp / 8; ++t) {
-    const int rows = static_cast<int>(std::min<int64_t>(8, g.M - t * 8));
-    w8a8_tile<NP>(g.a + t * g.Kp * 8, w, k4n, e, rows, g.y + t * 8 * g.ldy + p * 16, g.ldy);
+  const int64_t tiles = t1;
+  const int64_t kc4 = EDGEMM_W8A8_KC > 0 ? EDGEMM_W8A8_KC : k4n;
+  if (kc4 >= k4n) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int rows = static_cast<int>(std::min<int64_t>(8, g.M - t * 8));
+      w8a8_tile<NP>(g.a + t * g.Kp * 8, w, k4n, e, rows, g.y + t * 8 * g.ldy + p * 16, g.ldy, nullptr, nullptr);
+    }
+    return;
+  }
+  // K-blocked: the weight block (kc4 x NP x 64 bytes) stays in L1 across all row tiles; partial sums
+  // live in a per-thread scratch between blocks.
+  thread_local AlignedBuffer<int32_t> part;
+  if (!part.resize(size_t(tiles * 8 * 48))) return;
+  for (int64_t kb = 0; kb < k4n; kb += kc4) {
+    const int64_t kc = std::min(kc4, k4n - kb);
+    const bool first = kb == 0, last = kb + kc >= k4n;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int rows = static_cast<int>(std::min<int64_t>(8, g.M - t * 8));
+      int32_t* pt = part.data() + t * 8 * 48;
+      w8a8_tile<NP>(g.a + t * g.Kp * 8 + kb * 32, w + kb * NP * 64, kc, e, rows, g.y + t * 8 * g.ldy + p * 16,
+                    g.ldy, first ? nullptr : pt, last ? nullptr : pt);
+    }
   }
 }
 
-void w8a8_gemm(const W8A8GemmArgs& g, int64_t p0, int64_t p1) {
+void w8a8_gemm(const W8A8GemmArgs& g, int64_t p0, int64_t p1, int64_t t0, int64_t t1) {
   int64_t p = p0;
-  for (; p + 3 <= p1; p += 3) w8a8_panels<3>(g, p);
-  if (p1 - p == 2) w8a8_panels<2>(g, p);
-  if (p1 - p == 1) w8a8_panels<1>(g, p);
+  for (; p + 3 <= p1; p += 3) w8a8_panels<3>(g, p, t0, t1);
+  if (p1 - p == 2) w8a8_panels<2>(g, p, t0, t1);
+  if (p1 - p == 1) w8a8_panels<1>(g, p, t0, t1);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -320,23 +364,49 @@ void woq_int8(const WoqGemmArgs& g, int64_t b0, int64_t b1) { woq_dense<false>(g
 // ------------------------------------------------------------------------------------------------
 constexpr int64_t kF32Kc = 128;
 
-template <int NP>
-EDGEMM_INLINE void f32_micro(const float* ap, const float* w, int64_t pstride, int64_t kc,
-                             __m512 (&acc)[8][3]) {
-  const float* w1 = w + pstride;
-  const float* w2 = w + 2 * pstride;
-  for (int64_t k = 0; k < kc; ++k) {
-    __m512 b0 = _mm512_load_ps(w + k * 16);
-    __m512 b1 = NP > 1 ? _mm512_load_ps(w1 + k * 16) : b0;
-    __m512 b2 = NP > 2 ? _mm512_load_ps(w2 + k * 16) : b0;
-#pragma GCC unroll 8
-    for (int r = 0; r < 8; ++r) {
-      __m512 av = _mm512_set1_ps(ap[k * 8 + r]);
-      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
-      if (NP > 1) acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
-      if (NP > 2) acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
-    }
+#define EDGEMM_F32_ROW(r)                                              \
+  {                                                                    \
+    const __m512 av = _mm512_set1_ps(ap[r]);                           \
+    c##r##0 = _mm512_fmadd_ps(av, b0, c##r##0);                        \
+    if (NP > 1) c##r##1 = _mm512_fmadd_ps(av, b1, c##r##1);            \
+    if (NP > 2) c##r##2 = _mm512_fmadd_ps(av, b2, c##r##2);            \
   }
+#define EDGEMM_F32_STORE(r)                    \
+  if (r < rows) {                              \
+    float* yr = y + r * ldy;                   \
+    store(yr, 0, c##r##0);                     \
+    if (NP > 1) store(yr, 1, c##r##1);         \
+    if (NP > 2) store(yr, 2, c##r##2);         \
+  }
+
+// 8 rows x NP panels over kc inputs; adds into y (or overwrites when `first` and not accumulating).
+template <int NP>
+EDGEMM_INLINE void f32_tile(const float* ap, const float* w, int64_t pstride, int64_t kc, int rows, float* y,
+                            int64_t ldy, const __m512 (&bias)[3], const __mmask16 (&nmask)[3], bool load_y) {
+  const __m512 z = _mm512_setzero_ps();
+  __m512 c00 = z, c01 = z, c02 = z, c10 = z, c11 = z, c12 = z, c20 = z, c21 = z, c22 = z, c30 = z, c31 = z,
+         c32 = z, c40 = z, c41 = z, c42 = z, c50 = z, c51 = z, c52 = z, c60 = z, c61 = z, c62 = z, c70 = z,
+         c71 = z, c72 = z;
+  const float* w1 = w + (NP > 1 ? pstride : 0);
+  const float* w2 = w + (NP > 2 ? 2 * pstride : 0);
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 b0 = _mm512_load_ps(w);
+    const __m512 b1 = NP > 1 ? _mm512_load_ps(w1) : b0;
+    const __m512 b2 = NP > 2 ? _mm512_load_ps(w2) : b0;
+    EDGEMM_F32_ROW(0) EDGEMM_F32_ROW(1) EDGEMM_F32_ROW(2) EDGEMM_F32_ROW(3)
+    EDGEMM_F32_ROW(4) EDGEMM_F32_ROW(5) EDGEMM_F32_ROW(6) EDGEMM_F32_ROW(7)
+    w += 16;
+    w1 += 16;
+    w2 += 16;
+    ap += 8;
+  }
+  auto store = [&](float* yr, int q, __m512 acc) {
+    __m512 v = _mm512_add_ps(acc, bias[q]);
+    if (load_y) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(nmask[q], yr + q * 16));
+    _mm512_mask_storeu_ps(yr + q * 16, nmask[q], v);
+  };
+  EDGEMM_F32_STORE(0) EDGEMM_F32_STORE(1) EDGEMM_F32_STORE(2) EDGEMM_F32_STORE(3)
+  EDGEMM_F32_STORE(4) EDGEMM_F32_STORE(5) EDGEMM_F32_STORE(6) EDGEMM_F32_STORE(7)
 }
 
 template <int NP>
@@ -347,29 +417,17 @@ void f32_panels(const F32GemmArgs& g, const float* apack, int64_t p, int64_t kb,
   const float* wp = w.data.data() + p * pstride + kb * 16;
   __mmask16 nmask[3];
   __m512 bias[3];
-  for (int q = 0; q < NP; ++q) {
-    const int64_t rem = w.N - (p + q) * 16;
-    nmask[q] = rem >= 16 ? __mmask16(0xffff) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1);
-    bias[q] = (last && g.bias) ? _mm512_maskz_loadu_ps(nmask[q], g.bias + (p + q) * 16)
-                               : _mm512_setzero_ps();
+  for (int q = 0; q < 3; ++q) {
+    const int64_t n0 = (p + std::min(q, NP - 1)) * 16;
+    nmask[q] = tail_mask(w.N - n0);
+    bias[q] = (last && g.bias) ? _mm512_maskz_loadu_ps(nmask[q], g.bias + n0) : _mm512_setzero_ps();
   }
   const int64_t mt = (g.M + 7) / 8;
-  __m512 acc[8][3];
+  const bool load_y = !first || g.accumulate;
   for (int64_t t = 0; t < mt; ++t) {
     const int rows = static_cast<int>(std::min<int64_t>(8, g.M - t * 8));
-#pragma GCC unroll 8
-    for (int r = 0; r < 8; ++r)
-#pragma GCC unroll 3
-      for (int q = 0; q < NP; ++q) acc[r][q] = _mm512_setzero_ps();
-    f32_micro<NP>(apack + t * kc * 8, wp, pstride, kc, acc);
-    for (int r = 0; r < rows; ++r) {
-      float* y = g.y + (t * 8 + r) * g.ldy + p * 16;
-      for (int q = 0; q < NP; ++q) {
-        __m512 v = _mm512_add_ps(acc[r][q], bias[q]);
-        if (!first || g.accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(nmask[q], y + q * 16));
-        _mm512_mask_storeu_ps(y + q * 16, nmask[q], v);
-      }
-    }
+    f32_tile<NP>(apack + t * kc * 8, wp, pstride, kc, rows, g.y + t * 8 * g.ldy + p * 16, g.ldy, bias, nmask,
+                 load_y);
   }
 }
 
