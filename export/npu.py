@@ -583,12 +583,12 @@ def write_android_npu(bw, loaded, chunk_size: int | None = None, max_context: in
             shutil.copy(fp["embed_tokens"], bw.path(emb_rel))
             add(emb_rel, "embed_tokens", "fp32", "cpu")
         dec_rel = onnx_export.file_name("decoder", decode_precision)
+        pre = onnx_export.edgemm_packed_weights(model) if cfg.extras.get("quantization") else {}
         if decode_precision == "fp32":
             shutil.copy(fp["decoder"], bw.path(dec_rel))
         elif decode_precision == "int8":
-            onnx_export.quantize_int8(fp["decoder"], bw.path(dec_rel))
+            onnx_export.quantize_int8(fp["decoder"], bw.path(dec_rel), prequantized=pre)
         else:
-            pre = onnx_export.edgemm_int4_weights(model) if cfg.extras.get("quantization") else {}
             onnx_export.quantize_int4(fp["decoder"], bw.path(dec_rel), prequantized=pre)
         add(dec_rel, "decoder", decode_precision, "cpu", kv_cache="explicit", num_layers=tc.num_layers)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgemm.errors import EdgemmError
@@ -313,30 +314,37 @@ def _check(path: Path) -> None:
 # ------------------------------------------------------------------------------------ quantization
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    """onnxruntime's dynamic int8: MatMul weights int8 per output channel, activations uint8 per call."""
+def quantize_int8(src: Path, dst: Path, prequantized: dict | None = None) -> dict:
+    """onnxruntime's dynamic int8 (MatMul weights int8 per output channel, activations uint8 per
+    call); MatMuls whose weights the checkpoint already holds as edgemm int8/int4 become MatMulNBits
+    with those codes instead (see `map_prequantized`). Returns {"mapped": n, "requantized": n}."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _quiet():
-        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8, per_channel=True)
+    model = onnx.load(str(src))
+    mapped = map_prequantized(model, prequantized) if prequantized else 0
+    tmp = dst.with_name(dst.stem + ".mapped.onnx")
+    onnx.save(model, str(tmp))
+    try:
+        with _quiet():
+            quantize_dynamic(str(tmp), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        tmp.unlink(missing_ok=True)
     _check(dst)
+    out = onnx.load(str(dst)).graph.node
+    return {"mapped": mapped, "requantized": sum(1 for n in out if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul"))}
 
 
 def quantize_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK, prequantized: dict | None = None) -> dict:
-    """MatMulNBits (4-bit, symmetric blocks) through onnxruntime's MatMulNBitsQuantizer.
-
-    `prequantized` maps weight-initializer fingerprints to edgemm int4 tensors (see
-    `edgemm_int4_weights`): those MatMuls take edgemm's own codes/scales/zeros verbatim instead of
-    being re-quantized. Returns {"mapped": n, "requantized": n}."""
+    """MatMulNBits (4-bit, symmetric blocks of `block_size`) through onnxruntime's
+    MatMulNBitsQuantizer; MatMuls whose weights the checkpoint already holds as edgemm int4/int8
+    take those codes verbatim (`map_prequantized`). Returns {"mapped": n, "requantized": n}."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(src))
-    mapped = 0
-    exclude = []
-    if prequantized:
-        mapped, exclude = _map_int4(model, prequantized)
-    q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True, nodes_to_exclude=exclude)
+    mapped = map_prequantized(model, prequantized) if prequantized else 0
+    q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True)
     with _quiet():
         q.process()
     out = q.model.model
@@ -369,82 +377,109 @@ def _fingerprint(arr) -> str:
     return f"{a.shape}:" + hashlib.sha1(a.tobytes()).hexdigest()
 
 
-def edgemm_int4_weights(model) -> dict:
-    """{fingerprint of W^T as exported: (name, qweight, scales, zeros|None, group)} for every linear
-    that carries edgemm int4 tensors (docs/formats.md), found by duck typing on the module buffers."""
+@dataclass
+class PackedWeight:
+    """One linear's edgemm int4/int8 tensors (docs/formats.md) as MatMulNBits wants them."""
+
+    name: str
+    bits: int
+    codes: "object"  # uint8 [N, K/2] (4-bit, even k in the low nibble) or [N, K] (8-bit, code + 128)
+    scales: "object"  # float32 [N, K/G]
+    zeros: "object"  # uint8 [N, K/G] unsigned zero points (None = symmetric: 8 or 128)
+    group: int
+
+
+def edgemm_packed_weights(model) -> dict:
+    """{fingerprint of the dequantized W^T (as the exported MatMul holds it): PackedWeight} for every
+    linear carrying edgemm int4/int8 tensors (module buffers qweight/scales[/zeros], docs/formats.md)."""
     import numpy as np
 
     out = {}
     for name, mod in model.named_modules():
-        meta = _int4_meta(mod)
-        if meta is None:
+        pw = _packed(name, mod)
+        if pw is None:
             continue
-        qweight, scales, zeros, group = meta
-        w = _dequant_int4(qweight, scales, zeros, group)
-        out[_fingerprint(np.ascontiguousarray(w.T))] = (name, qweight, scales, zeros, group)
+        w = _dequant_packed(pw)
+        out[_fingerprint(np.ascontiguousarray(w.T))] = pw
     return out
 
 
-def _int4_meta(mod):
-    qw = getattr(mod, "qweight", None)
-    sc = getattr(mod, "scales", None)
-    if qw is None or sc is None or str(getattr(qw, "dtype", "")) != "torch.uint8":
+edgemm_int4_weights = edgemm_packed_weights  # the name the android-npu writer used first
+
+
+def _packed(name, mod):
+    import numpy as np
+
+    qw, sc = getattr(mod, "qweight", None), getattr(mod, "scales", None)
+    if qw is None or sc is None or hasattr(mod, "input_scale"):  # W8A8 layers are not weight-only
         return None
-    bits = getattr(mod, "bits", None)
-    if bits not in (None, 4):
-        return None
-    n, k2 = qw.shape
-    groups = sc.shape[1]
-    group = (2 * k2) // groups
+    dt = str(qw.dtype)
     zeros = getattr(mod, "zeros", None)
-    return (qw.numpy(), sc.float().numpy(), None if zeros is None else zeros.numpy(), group)
+    if dt == "torch.uint8" and getattr(mod, "bits", 4) == 4:
+        n, k2 = qw.shape
+        group = 2 * k2 // sc.shape[1]
+        return PackedWeight(name, 4, qw.numpy(), sc.float().numpy(), None if zeros is None else zeros.numpy().astype(np.uint8), group)
+    if dt == "torch.int8" and getattr(mod, "bits", 8) == 8:
+        n, k = qw.shape
+        group = k // sc.shape[1]
+        codes = (qw.numpy().astype(np.int16) + 128).astype(np.uint8)
+        z = None if zeros is None else (zeros.numpy().astype(np.int16) + 128).astype(np.uint8)
+        return PackedWeight(name, 8, codes, sc.float().numpy(), z, group)
+    return None
+
+
+def _dequant_packed(pw: PackedWeight):
+    import numpy as np
+
+    if pw.bits == 4:
+        lo, hi = pw.codes & 0xF, pw.codes >> 4
+        u = np.stack([lo, hi], -1).reshape(pw.codes.shape[0], -1).astype(np.float32)
+        zdef = 8
+    else:
+        u = pw.codes.astype(np.float32)
+        zdef = 128
+    z = np.float32(zdef) if pw.zeros is None else np.repeat(pw.zeros.astype(np.float32), pw.group, 1)
+    return (u - z) * np.repeat(pw.scales.astype(np.float32), pw.group, 1)
 
 
 def _dequant_int4(qweight, scales, zeros, group):
-    import numpy as np
-
-    lo, hi = qweight & 0xF, qweight >> 4
-    u = np.stack([lo, hi], -1).reshape(qweight.shape[0], -1).astype(np.float32)
-    z = np.float32(8) if zeros is None else np.repeat(zeros.astype(np.float32), group, 1)
-    return (u - z) * np.repeat(scales.astype(np.float32), group, 1)
+    return _dequant_packed(PackedWeight("", 4, qweight, scales, zeros, group))
 
 
-def _map_int4(model, pre: dict):
-    """Replace MatMuls whose constant weight is an edgemm int4 weight by MatMulNBits nodes holding
-    edgemm's codes (same nibble order as MatMulNBits: even k in the low nibble)."""
+def map_prequantized(model, pre: dict) -> int:
+    """Replace MatMuls whose constant weight equals an edgemm-quantized weight by MatMulNBits nodes
+    holding edgemm's codes, scales and zero points verbatim (4-bit: same nibble order as edgemm;
+    8-bit: code + 128 with default zero point 128). Returns how many were mapped."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
-    new_nodes, mapped, exclude = [], 0, []
+    new_nodes, mapped = [], 0
     for node in model.graph.node:
         if node.op_type == "MatMul" and node.input[1] in inits:
             w = numpy_helper.to_array(inits[node.input[1]])
-            hit = pre.get(_fingerprint(w)) if w.ndim == 2 else None
-            if hit is not None:
-                name, qw, sc, zp, g = hit
-                if g < 16 or g & (g - 1):
-                    exclude.append(node.name)
-                    new_nodes.append(node)
-                    continue
-                n, k = qw.shape[0], qw.shape[1] * 2
-                base = node.name or f"mm{mapped}"
-                b_name, s_name = base + "_Q4", base + "_scales"
+            pw = pre.get(_fingerprint(w)) if w.ndim == 2 else None
+            g = pw.group if pw is not None else 0
+            if pw is not None and g >= 16 and not g & (g - 1):  # MatMulNBits: power-of-2 blocks >= 16
+                n = pw.codes.shape[0]
+                k = w.shape[0]
+                base = f"{node.name or 'MatMul'}_{mapped}_NBits"
+                per = g // 2 if pw.bits == 4 else g
                 model.graph.initializer.extend([
-                    numpy_helper.from_array(qw.reshape(n, k // g, g // 2).astype(np.uint8), b_name),
-                    numpy_helper.from_array(sc.astype(np.float32).reshape(-1), s_name)])
-                ins = [node.input[0], b_name, s_name]
-                if zp is not None:
-                    zpad = zp.astype(np.uint8)
-                    if zpad.shape[1] % 2:
-                        zpad = np.concatenate([zpad, np.zeros((n, 1), np.uint8)], 1)
-                    packed = (zpad[:, 0::2] | (zpad[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
+                    numpy_helper.from_array(pw.codes.reshape(n, k // g, per).astype(np.uint8), base + "_B"),
+                    numpy_helper.from_array(pw.scales.astype(np.float32).reshape(-1), base + "_scales")])
+                ins = [node.input[0], base + "_B", base + "_scales"]
+                if pw.zeros is not None:
+                    zp = pw.zeros.astype(np.uint8)
+                    if pw.bits == 4:
+                        if zp.shape[1] % 2:
+                            zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], 1)
+                        zp = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+                    model.graph.initializer.append(numpy_helper.from_array(zp.reshape(-1), base + "_zp"))
                     ins.append(base + "_zp")
-                    model.graph.initializer.append(numpy_helper.from_array(packed, base + "_zp"))
-                new_nodes.append(helper.make_node("MatMulNBits", ins, list(node.output), name=base + "_Q4",
-                                                  domain="com.microsoft", K=k, N=n, bits=4, block_size=g))
-                exclude.append(base + "_Q4")
+                new_nodes.append(helper.make_node("MatMulNBits", ins, list(node.output), name=base, domain="com.microsoft",
+                                                  K=k, N=n, bits=pw.bits, block_size=g))
                 mapped += 1
                 continue
         new_nodes.append(node)
@@ -452,7 +487,7 @@ def _map_int4(model, pre: dict):
     model.graph.node.extend(new_nodes)
     if mapped and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    return mapped, exclude
+    return mapped
 
 
 # ------------------------------------------------------------------------------------ HF side files
@@ -601,25 +636,24 @@ def write(bw, loaded, precision: str = "fp32", lane: str = "cpu", processor: str
             shutil.copy(fp["decoder"], bw.path(rel["decoder"]))
             if quant:
                 bw.note(f"the model carries edgemm {_quant_desc(quant)} weights; the fp32 ONNX graphs hold them dequantized")
-        elif precision == "int8":
-            quantize_int8(fp["vision_encoder"], bw.path(rel["vision_encoder"]))
-            quantize_int8(fp["decoder"], bw.path(rel["decoder"]))
-            bw.note("ONNX int8: onnxruntime quantize_dynamic (int8 per-channel MatMul weights, dynamic uint8 activations)"
-                    + (f"; the model's edgemm {_quant_desc(quant)} weights were re-quantized from their dequantized values "
-                       "(ORT's dynamic int8 MatMulInteger has no weight-only int8 form matching edgemm's)" if quant else ""))
         else:
-            # The vision encoder stays int8 in the q4 set (as llama.cpp keeps mmproj at higher precision).
+            pre = edgemm_packed_weights(model) if quant else {}
             vis = bw.path(rel["vision_encoder"])
-            if not vis.exists():
-                quantize_int8(fp["vision_encoder"], vis)
-            pre = edgemm_int4_weights(model) if quant else {}
-            res = quantize_int4(fp["decoder"], bw.path(rel["decoder"]), prequantized=pre)
-            extra_dec = {"int4_block_size": INT4_BLOCK, **res}
-            msg = f"ONNX int4: MatMulNBits (4-bit, symmetric, block {INT4_BLOCK}) from onnxruntime's MatMulNBitsQuantizer"
+            if not vis.exists():  # int8 in both sets (the q4 set keeps an int8 vision encoder, as llama.cpp its mmproj)
+                quantize_int8(fp["vision_encoder"], vis, prequantized=pre)
+            if precision == "int8":
+                res = quantize_int8(fp["decoder"], bw.path(rel["decoder"]), prequantized=pre)
+                msg = "ONNX int8: onnxruntime quantize_dynamic (int8 per-channel MatMul weights, dynamic uint8 activations)"
+            else:
+                res = quantize_int4(fp["decoder"], bw.path(rel["decoder"]), prequantized=pre)
+                msg = f"ONNX int4: MatMulNBits (4-bit, symmetric, block {INT4_BLOCK}) from onnxruntime's MatMulNBitsQuantizer"
+                extra_dec["int4_block_size"] = INT4_BLOCK
+            extra_dec.update(res)
             if res["mapped"]:
-                msg += f"; {res['mapped']} MatMuls carry edgemm's own int4 codes/scales/zeros verbatim, {res['requantized']} were quantized by ORT"
+                msg += (f"; {res['mapped']} decoder MatMuls carry the checkpoint's own edgemm int4/int8 codes, scales and zero "
+                        f"points verbatim as MatMulNBits, {res['requantized']} were quantized by onnxruntime")
             elif quant:
-                msg += f"; the model's edgemm {_quant_desc(quant)} weights had no int4 MatMulNBits mapping and were re-quantized"
+                msg += f"; the model's edgemm {_quant_desc(quant)} weights had no MatMulNBits mapping and were re-quantized"
             bw.note(msg)
         if not any(a.file == rel["vision_encoder"] for a in bw.artifacts):
             arts.append(Artifact(rel["vision_encoder"], "vision_encoder", "onnx", vis_prec, lane, processor, "onnxruntime",
@@ -642,8 +676,11 @@ def write(bw, loaded, precision: str = "fp32", lane: str = "cpu", processor: str
 
 
 def _quant_desc(q) -> str:
+    if isinstance(q, dict) and isinstance(q.get("layers"), dict):  # edgemm.compress metadata
+        fmts = sorted({str(v.get("format", "?")) for v in q["layers"].values() if isinstance(v, dict)})
+        return "/".join(fmts) or "quantized"
     if isinstance(q, dict):
-        return str(q.get("method") or q.get("scheme") or q.get("bits") or "quantized")
+        return str(q.get("method") or q.get("format") or q.get("bits") or "quantized")
     return str(q)
 
 
@@ -671,14 +708,15 @@ def _float_copy(model):
 
 
 def _dequant_module(mod):
-    """A compressed linear's float weight: its own dequantize() if it has one, else formats.md."""
+    """A compressed linear's float weight: docs/formats.md's dequantization for int4/int8 packed
+    layers (so that `map_prequantized` recognises them), else the layer's own dequantize()."""
     import torch
 
+    pw = _packed("", mod)
+    if pw is not None:
+        return torch.from_numpy(_dequant_packed(pw))
     for attr in ("dequantize", "dequantized_weight", "weight_float"):
         f = getattr(mod, attr, None)
         if callable(f):
             return f().float()
-    meta = _int4_meta(mod)
-    if meta is not None:
-        return torch.from_numpy(_dequant_int4(*meta))
     raise EdgemmError(f"cannot read the weights of compressed layer {type(mod).__name__}")

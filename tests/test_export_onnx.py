@@ -285,3 +285,37 @@ def test_onnxruntime_genai_runs_the_bundle_with_images(bundles, tiny, questions)
                 break
             toks.append(t)
         assert proc.decode(toks) == want
+
+
+@pytest.mark.parametrize("conf,precision", [
+    ({"method": "rtn", "bits": 4, "group_size": 32, "symmetric": False}, "int4"),
+    ({"method": "rtn", "bits": 8, "group_size": 32}, "int8"),
+])
+def test_compressed_checkpoint_weights_map_to_matmulnbits(demo_tokenizer, tmp_path, conf, precision):
+    """An edgemm.compress checkpoint (every linear packed, lm_head included) exports with its own
+    codes: nothing is re-quantized, so onnxruntime's logits equal torch's on the packed model."""
+    from edgemm.compress import apply
+    from edgemm.models.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = tiny_config()
+    cfg.text.hidden_size, cfg.text.num_heads, cfg.text.head_dim, cfg.text.intermediate_size = 64, 4, 16, 96
+    model = random_model(cfg.validate())
+    apply(model, {**conf, "exclude": []})
+    save_checkpoint(model, demo_tokenizer, tmp_path / "ckpt")
+    lm = load_checkpoint(tmp_path / "ckpt")
+    man = export(lm, "onnx", tmp_path / "b", precision=precision)
+    dec = next(a for a in man["artifacts"] if a["role"] == "decoder")
+    n_dec = 7 * cfg.text.num_layers + 1
+    assert dec["extra"]["mapped"] == n_dec and dec["extra"]["requantized"] == 0
+    sess = runtimes.load(tmp_path / "b")
+    ids, mask, px = sess._inputs(*[[x] for x in _one_question()])
+    emb, m2 = sess.merge(ids, mask, sess.encode_images(px))
+    last, _, _ = sess.prefill(emb, m2)
+    with torch.no_grad():  # same image features, so only the decoder is compared
+        ref = lm.model.text(torch.from_numpy(emb), torch.arange(emb.shape[1])[None])[:, -1].numpy()
+    assert np.abs(last - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def _one_question():
+    ds = load_dataset("shapes:1:9")
+    return ds.image(ds.records[0]), ds.records[0].question

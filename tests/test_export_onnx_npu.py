@@ -227,3 +227,29 @@ class _W8A8(torch.nn.Module):
 
     def forward(self, x):
         return x @ self.dequantized_weight().T
+
+
+def test_compress_w8a8_checkpoint_drives_the_npu_graphs(demo_tokenizer, tmp_path):
+    """A checkpoint compressed with edgemm.compress w8a8 (shadow on): the NPU graphs take its
+    tensors, and the chunked prefill equals the checkpoint's own torch W8A8 forward."""
+    from edgemm.compress import apply
+    from edgemm.compress.calibration import shapes_forward_loop
+    from edgemm.models.checkpoint import load_checkpoint, save_checkpoint
+
+    m = outlier_model()
+    proc = Processor(demo_tokenizer, m.config)
+    apply(m, {"method": "w8a8", "include": ["text.layers.*"]}, forward_loop=shapes_forward_loop(proc, n=16))
+    save_checkpoint(m, demo_tokenizer, tmp_path / "ckpt")
+    lm = load_checkpoint(tmp_path / "ckpt")
+    params, src = w8a8_params(lm)
+    assert src == "checkpoint (edgemm w8a8)" or src == "checkpoint"
+    man, root = _bundle(lm, tmp_path / "b", chunk_size=8, max_context=96, decode_precision="fp32", vision_quant=False)
+    assert man["npu"]["w8a8_source"] == src
+    sess = runtimes.load(root)
+    ds = load_dataset("shapes:2:13")
+    for r in ds.records:
+        emb, mask = _embeds(sess, ds.image(r), r.question)
+        last, _, _ = sess.prefill(emb, mask)
+        with torch.no_grad():  # the checkpoint's own W8A8Linear modules (exact int8 GEMM + shadow)
+            ref = lm.model.text(torch.from_numpy(emb), torch.arange(emb.shape[1])[None])[:, -1].numpy()
+        assert np.abs(last - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
