@@ -247,3 +247,22 @@ def test_runner_chains_the_real_weight_methods(tmp_path, tiny_ckpt):
     # resume: everything cached, and the cached rows match
     again = run_recipe(str(tiny_ckpt), recipe, tmp_path / "out", quiet=True)
     assert all(x["cached"] for x in again["rows"]) and [x["accuracy"] for x in again["rows"]] == [x["accuracy"] for x in r]
+
+
+def test_cli_compress_and_recipes(capsys, tmp_path, tiny_ckpt):
+    from edgemm.cli import main
+
+    y = tmp_path / "r.yaml"
+    y.write_text("name: small\neval: {data: 'shapes:6:2'}\nstages:\n  - tokens: pool:0.25\n")
+    assert main(["compress", str(tiny_ckpt), "--recipe", str(y), "-o", str(tmp_path / "out"), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert [r["visual_tokens"] for r in rep["rows"]] == [16, 4] and rep["recipe"]["name"] == "small"
+    assert main(["compress", str(tiny_ckpt), "--recipe", str(y), "-o", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr()
+    assert "| tokens |" in text.out and "cached" in text.err
+    assert main(["recipes", "list", "--json"]) == 0
+    names = [r["name"] for r in json.loads(capsys.readouterr().out)]
+    assert {"laptop", "phone-npu", "tiny"} <= set(names)
+    assert main(["compress", str(tiny_ckpt), "--recipe", "nope", "-o", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "unknown recipe" in err and len(err.strip().splitlines()) == 1
