@@ -334,3 +334,15 @@ def test_prefill_token_count_in_generation_stats(tiny_ckpt):
     set_visual_tokens(lm, "fastervlm:0.25")
     sess.generate(r.pil, r.question, max_new_tokens=1)
     assert sess.stats["prefill_tokens"] == full - 12
+
+
+def test_cli_tokens_sweep(capsys, tmp_path, tiny_ckpt):
+    from edgemm.cli import main
+
+    assert main(["tokens", "sweep", str(tiny_ckpt), "--methods", "fastervlm;vtccls::start=0,end=1", "--keep", "0.5,2",
+                 "--data", "shapes:6:4", "-o", str(tmp_path / "s.json"), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert [(r["method"], r["tokens"]) for r in rep["rows"]] == [("fastervlm", 8), ("fastervlm", 2),
+                                                                 ("vtccls::start=0,end=1", 8), ("vtccls::start=0,end=1", 2)]
+    assert rep["rows"][2]["setting"] == {"method": "vtccls", "keep": 0.5, "start": 0, "end": 1}
+    assert json.loads((tmp_path / "s.json").read_text())["n"] == 6

@@ -59,7 +59,8 @@ def register(app: typer.Typer) -> None:
     @tokens_app.command("sweep")
     def sweep_cmd(model: str = typer.Argument(..., help="demo, demo-small or an edgemm checkpoint directory"),
                   methods: str = typer.Option("fastervlm,vtccls,divprune,tome,clsdiv,clsmerge,pool,random",
-                                              help="comma-separated methods (optionally with options: vtccls::start=2)"),
+                                              help="comma-separated methods, optionally with options after '::' "
+                                                   "(vtccls::start=2); separate with ';' when options have commas"),
                   keep: str = typer.Option("0.5,0.25,0.1", help="comma-separated keep ratios or counts"),
                   data: str = typer.Option("shapes:2400:777", "--data", help="evaluation set (default: the held-out set)"),
                   limit: Optional[int] = typer.Option(None, help="evaluate only the first N questions"),
@@ -72,7 +73,7 @@ def register(app: typer.Typer) -> None:
 
         if batch_size < 1:
             raise EdgemmError("--batch-size must be >= 1")
-        ms = [m.strip() for m in methods.split(",") if m.strip()]
+        ms = [m.strip() for m in methods.split(";" if ";" in methods else ",") if m.strip()]
         ks = [k.strip() for k in keep.split(",") if k.strip()]
         if not ms or not ks:
             raise EdgemmError("--methods and --keep must each name at least one value")
