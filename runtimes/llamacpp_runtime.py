@@ -540,6 +540,11 @@ class LlamaCppSession(Session):
                 n_past += 1
         finally:
             llama_cpp.llama_sampler_free(smpl)
+        # what is left: an answer ending in an incomplete UTF-8 sequence decodes with U+FFFD, as edgemm's
+        # tokenizer decodes it
+        text = raw.decode("utf-8", "replace").strip()
+        if len(text) > len(text_so_far):
+            yield text[len(text_so_far):] if text_so_far else text
         perf = llama_cpp.llama_perf_context(self.ctx)
         decode_ms = perf.t_p_eval_ms + perf.t_eval_ms - prefill_ms
         decode_tokens = max(0, steps - 1)
