@@ -158,9 +158,21 @@ Status w8a8_shadow(const W8A8Act& a, const W8A8Weights& w, float* y, int64_t ldy
   EDGEMM_CHECK(y && a.K == w.K && ldy >= w.N);
   if (a.outliers.empty()) return Status::kOk;
   for (const Outlier& o : a.outliers) EDGEMM_CHECK(o.m >= 0 && o.m < a.M && o.k >= 0 && o.k < w.K);
-  impl::ShadowArgs s{a.outliers.data(), static_cast<int64_t>(a.outliers.size()), &w, y, ldy};
-  const impl::KernelTable& t = impl::active_table();
-  parallel_for(pool, w.Np, 64, [&](int64_t n0, int64_t n1, int) { t.w8a8_shadow(s, n0, n1); });
+  try {
+    // Group by channel (outliers concentrate in a few channels): each column is fetched once.
+    std::vector<Outlier> by_k(a.outliers);
+    std::stable_sort(by_k.begin(), by_k.end(), [](const Outlier& x, const Outlier& y) { return x.k < y.k; });
+    std::vector<int64_t> k_begin;
+    for (size_t i = 0; i < by_k.size(); ++i)
+      if (i == 0 || by_k[i].k != by_k[i - 1].k) k_begin.push_back(static_cast<int64_t>(i));
+    k_begin.push_back(static_cast<int64_t>(by_k.size()));
+    impl::ShadowArgs s{by_k.data(), k_begin.data(), static_cast<int64_t>(k_begin.size()) - 1, &w, y, ldy};
+    const impl::KernelTable& t = impl::active_table();
+    // Ranges of whole panel groups (48 outputs).
+    parallel_for(pool, w.Np, 48, [&](int64_t n0, int64_t n1, int) { t.w8a8_shadow(s, n0, n1); });
+  } catch (const std::bad_alloc&) {
+    return Status::kOutOfMemory;
+  }
   return Status::kOk;
 }
 

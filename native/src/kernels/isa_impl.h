@@ -33,13 +33,17 @@ using W8A8QuantFn = void (*)(const float* x, int64_t ldx, int64_t K, float s_a, 
                              int64_t Kp, int32_t* row_sum, int64_t r0, int64_t r1,
                              std::vector<Outlier>* outliers);
 struct ShadowArgs {
-  const Outlier* outliers;
-  int64_t n_outliers;
+  const Outlier* outliers;  // sorted by (k, m)
+  const int64_t* k_begin;   // n_k + 1 offsets: outliers[k_begin[g] .. k_begin[g+1]) share one channel k
+  int64_t n_k;
   const W8A8Weights* w;
   float* y;
   int64_t ldy;
 };
-// Adds the outlier contributions to output columns [n0, n1) (n0 a multiple of 16).
+// Adds the outlier contributions to output columns [n0, n1) (n0 a multiple of 48): per distinct
+// channel, the weight column is fetched once (hot float copy or decoded from the packed int8), then
+// y[m, n0:n1] += r * col[n0:n1] for each outlier of that channel (mul then add, no FMA: every ISA gives
+// the same bits).
 using ShadowFn = void (*)(const ShadowArgs&, int64_t n0, int64_t n1);
 
 struct WoqGemmArgs {

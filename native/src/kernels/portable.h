@@ -253,16 +253,21 @@ inline float p_w8a8_col(const W8A8Weights& w, int64_t n, int64_t k) {
 void p_w8a8_shadow(const ShadowArgs& s, int64_t n0, int64_t n1) {
   const W8A8Weights& w = *s.w;
   n1 = std::min(n1, w.N);
-  for (int64_t i = 0; i < s.n_outliers; ++i) {
-    const Outlier& o = s.outliers[i];
-    float* y = s.y + int64_t(o.m) * s.ldy;
-    const float r = o.residual;
-    int32_t hi = w.hot_index.empty() ? -1 : w.hot_index[o.k];
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < w.Np) buf.resize(static_cast<size_t>(w.Np));
+  for (int64_t g = 0; g < s.n_k; ++g) {
+    const int32_t k = s.outliers[s.k_begin[g]].k;
+    const int32_t hi = w.hot_index.empty() ? -1 : w.hot_index[k];
+    const float* col = buf.data();
     if (hi >= 0) {
-      const float* col = w.hot_cols.data() + int64_t(hi) * w.Np;
-      for (int64_t n = n0; n < n1; ++n) y[n] += r * col[n];
+      col = w.hot_cols.data() + int64_t(hi) * w.Np;
     } else {
-      for (int64_t n = n0; n < n1; ++n) y[n] += r * p_w8a8_col(w, n, o.k);
+      for (int64_t n = n0; n < n1; ++n) buf[n] = p_w8a8_col(w, n, k);
+    }
+    for (int64_t i = s.k_begin[g]; i < s.k_begin[g + 1]; ++i) {
+      float* y = s.y + int64_t(s.outliers[i].m) * s.ldy;
+      const float r = s.outliers[i].residual;
+      for (int64_t n = n0; n < n1; ++n) y[n] += r * col[n];
     }
   }
 }

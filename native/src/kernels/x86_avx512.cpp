@@ -220,28 +220,47 @@ void w8a8_gemm(const W8A8GemmArgs& g, int64_t p0, int64_t p1, int64_t t0, int64_
 void w8a8_shadow(const ShadowArgs& s, int64_t n0, int64_t n1) {
   const W8A8Weights& w = *s.w;
   n1 = std::min(n1, w.N);
-  for (int64_t i = 0; i < s.n_outliers; ++i) {
-    const Outlier& o = s.outliers[i];
-    float* y = s.y + int64_t(o.m) * s.ldy;
-    const __m512 r = _mm512_set1_ps(o.residual);
-    const int32_t hi = w.hot_index.empty() ? -1 : w.hot_index[o.k];
-    const int shift = 24 - 8 * (o.k % 4);
-    const __m128i vshift = _mm_cvtsi32_si128(shift);
-    for (int64_t n = n0; n < n1; n += 16) {
-      const int64_t rem = n1 - n;
-      const __mmask16 m = rem >= 16 ? __mmask16(0xffff) : __mmask16((1u << rem) - 1);
-      __m512 col;
+  const int64_t P = w.Np / 16;
+  // One panel group (48 outputs) at a time: the cold columns are decoded from that group's packed
+  // region (ascending channels = ascending addresses, TLB/prefetch friendly) straight into registers and
+  // applied to every outlier of the channel; the touched y segments stay in L1/L2.
+  for (int64_t p = n0 / 16; p * 16 < n1; p += 3) {
+    const int64_t np = std::min<int64_t>(3, P - p);
+    const int8_t* gbase = w.data.data() + layout::w8a8_panel(p, w.Kp, w.Np).base;
+    __mmask16 nm[3];
+    __m512 ws[3];
+    for (int q = 0; q < 3; ++q) {
+      nm[q] = q < np ? tail_mask(n1 - (p + q) * 16) : __mmask16(0);
+      ws[q] = q < np ? _mm512_loadu_ps(w.weight_scale.data() + (p + q) * 16) : _mm512_setzero_ps();
+    }
+    for (int64_t g = 0; g < s.n_k; ++g) {
+      const int32_t k = s.outliers[s.k_begin[g]].k;
+      const int32_t hi = w.hot_index.empty() ? -1 : w.hot_index[k];
+      __m512 col[3];
       if (hi >= 0) {
-        col = _mm512_maskz_loadu_ps(m, w.hot_cols.data() + int64_t(hi) * w.Np + n);
+        const float* hc = w.hot_cols.data() + int64_t(hi) * w.Np + p * 16;
+        for (int q = 0; q < 3; ++q) col[q] = _mm512_maskz_loadu_ps(nm[q], hc + 16 * q);
       } else {
-        const layout::W8A8PanelPos pp = layout::w8a8_panel(n / 16, w.Kp, w.Np);
-        const int8_t* src = w.data.data() + pp.base + (o.k / 4) * pp.k4_stride;
-        __m512i v = _mm512_load_si512(src);
-        v = _mm512_sra_epi32(_mm512_sll_epi32(v, vshift), _mm_cvtsi32_si128(24));
-        col = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_loadu_ps(w.weight_scale.data() + n));
+        const __m128i vshift = _mm_cvtsi32_si128(24 - 8 * (k % 4)), v24 = _mm_cvtsi32_si128(24);
+        const int8_t* src = gbase + (k / 4) * np * 64;
+        for (int q = 0; q < 3; ++q) {
+          if (q >= np) {
+            col[q] = _mm512_setzero_ps();
+            continue;
+          }
+          __m512i v = _mm512_load_si512(src + q * 64);
+          v = _mm512_sra_epi32(_mm512_sll_epi32(v, vshift), v24);
+          col[q] = _mm512_mul_ps(_mm512_cvtepi32_ps(v), ws[q]);
+        }
       }
-      __m512 yv = _mm512_maskz_loadu_ps(m, y + n);
-      _mm512_mask_storeu_ps(y + n, m, _mm512_add_ps(yv, _mm512_mul_ps(r, col)));
+      for (int64_t i = s.k_begin[g]; i < s.k_begin[g + 1]; ++i) {
+        float* y = s.y + int64_t(s.outliers[i].m) * s.ldy + p * 16;
+        const __m512 r = _mm512_set1_ps(s.outliers[i].residual);
+        for (int q = 0; q < np; ++q) {
+          const __m512 yv = _mm512_maskz_loadu_ps(nm[q], y + 16 * q);
+          _mm512_mask_storeu_ps(y + 16 * q, nm[q], _mm512_add_ps(yv, _mm512_mul_ps(r, col[q])));
+        }
+      }
     }
   }
 }
