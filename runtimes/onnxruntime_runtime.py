@@ -39,6 +39,10 @@ def make_session(path: Path, threads: int | None, providers=None):
         so.intra_op_num_threads = n
         so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # No spin-waiting: on a shared 2-core machine (and with the many small graphs of the android-npu
+    # set, each with its own pool) spinning worker threads stall everything else.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph errors
