@@ -258,10 +258,10 @@ class Graph:
             rem = self.op("Mul", self.op("Sub", x, self.op("Mul", code, s)), clipped_else)  # 0 unless clipped
             _, idx = self.op("TopK", self.op("Abs", rem), self.const(np.array([slots], np.int64)), axis=-1, n_out=2)
             vals = self.op("GatherElements", rem, idx, axis=-1)  # [1, C, R]
-            wq = self.op("Gather", self.const(np.ascontiguousarray(p.qweight.T)), idx, axis=0)  # int8 [1, C, R, N]
-            wsel = self.op("Mul", self.op("Cast", wq, to=1), self.const(p.weight_scale.astype(np.float32)))
+            wq = self.op("Cast", self.op("Gather", self.const(np.ascontiguousarray(p.qweight.T)), idx, axis=0), to=1)  # [1, C, R, N]
             v4 = self.op("Unsqueeze", vals, self.const(np.array([2], np.int64)))  # [1, C, 1, R]
-            parts.append(self.op("Squeeze", self.op("MatMul", v4, wsel), self.const(np.array([2], np.int64))))
+            acc = self.op("Squeeze", self.op("MatMul", v4, wq), self.const(np.array([2], np.int64)))  # [1, C, N] in code units
+            parts.append(self.op("Mul", acc, self.const(p.weight_scale.astype(np.float32))))  # x weight_scale per column
         if p.outlier_channels.size:
             xh = self.op("Gather", x, self.const(p.outlier_channels.astype(np.int64)), axis=-1)
             rh = self.op("Round", self.op("Div", xh, s))
