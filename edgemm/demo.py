@@ -82,13 +82,16 @@ def shipped_distilled(model: str, rec) -> dict:
     import json
 
     from .distill.trainer import DistillConfig
-    from .models import builtin_path
+    from .models import builtin_path, load_model
+    from .recipes.runner import fingerprint_model
 
     path = builtin_path("demo-kd")
     log_file = path / "distill_log.json"
-    if model != "demo" or not log_file.is_file():
+    if not log_file.is_file():
         return {}
     log = json.loads(log_file.read_text())
+    if log.get("teacher_fingerprint") != fingerprint_model(load_model(model)):
+        return {}
     for st in rec.stages:
         if st.type != "distill":
             continue
@@ -96,7 +99,7 @@ def shipped_distilled(model: str, rec) -> dict:
         want = DistillConfig.from_dict({k: v for k, v in opts.items() if k != "student"})
         from dataclasses import asdict
 
-        same = (log.get("teacher") == "demo" and log.get("student_config") == opts.get("student", "demo-small")
+        same = (log.get("student_config") == opts.get("student", "demo-small")
                 and json.loads(json.dumps(asdict(want))) == log.get("config"))
         return {st.name: path} if same else {}
     return {}

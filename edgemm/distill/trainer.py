@@ -273,7 +273,10 @@ def distill_to_checkpoint(teacher_spec: str, student_spec: str, out: str | Path,
     res = distill(lm.model, lm.processor, scfg, cfg, work, quiet=quiet)
     rank, _ = dist_info()
     n_params = sum(p.numel() for p in res.student.parameters())
-    log = {"teacher": teacher_spec, "student_config": student_spec, "config": asdict(cfg), "params": n_params,
+    from ..recipes.runner import fingerprint_model
+
+    log = {"teacher": teacher_spec, "teacher_fingerprint": fingerprint_model(lm), "student_config": student_spec,
+           "config": asdict(cfg), "params": n_params,
            "wall_s": sum(s["wall_s"] for s in res.stages), "stages": res.stages,
            "torch_threads": torch.get_num_threads(), "world_size": dist_info()[1]}
     if rank == 0:

@@ -117,23 +117,16 @@ def measure(loaded, ctx: RunContext, label: str) -> dict:
 
 
 def fingerprint_model(loaded) -> str:
-    h = hashlib.sha256()
-    path = getattr(loaded, "path", None)
-    if path is not None and Path(path).is_dir():
-        for f in sorted(Path(path).iterdir()):
-            if f.is_file() and f.suffix in (".json", ".safetensors") and f.name not in ("train_log.json", "distill_log.json"):
-                h.update(f.name.encode() + b"\0")
-                with open(f, "rb") as fh:
-                    for block in iter(lambda: fh.read(1 << 20), b""):
-                        h.update(block)
-        return h.hexdigest()
+    """sha256 of a loaded model's canonical config and its tensors (names, dtypes, shapes, bytes): the
+    same for the same weights however the checkpoint files were written."""
     import torch
 
     from ..models.checkpoint import state_dict_for_saving
 
+    h = hashlib.sha256()
     h.update(json.dumps(loaded.config.to_dict(), sort_keys=True).encode())
     for k, v in sorted(state_dict_for_saving(loaded.model).items()):
-        h.update(k.encode())
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}".encode())
         h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
