@@ -197,6 +197,16 @@ void test_w8a8_shadow() {
     CHECK_OK(w8a8_shadow(a, w_hot, sh_hot.data(), N, nullptr));
     ref::w8a8_linear(x.data(), M, K, s_a, qw.data(), ws.data(), nullptr, N, true, ref_sh.data());
     CHECK_CLOSE(sh_cold.data(), ref_sh.data(), sh_cold.size(), 1e-4, 1e-5);
+    // Fused (CPU-only) path: bit-identical to GEMM + separate shadow, with and without accumulate/bias.
+    {
+      std::vector<float> bias = rng.normals(N), y1(M * N, 0.5f), y2(M * N, 0.5f);
+      CHECK_OK(w8a8_gemm(a, w_hot, bias.data(), y1.data(), N, true, &pool2()));
+      CHECK_OK(w8a8_shadow(a, w_hot, y1.data(), N, &pool2()));
+      CHECK_OK(w8a8_linear(a, w_hot, bias.data(), y2.data(), N, true, &pool2()));
+      CHECK(std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(float)) == 0);
+      CHECK_OK(w8a8_linear(a, w_cold, nullptr, y2.data(), N, false, nullptr));
+      CHECK(std::memcmp(sh_cold.data(), y2.data(), y2.size() * sizeof(float)) == 0);
+    }
     CHECK_CLOSE(sh_hot.data(), ref_sh.data(), sh_hot.size(), 1e-4, 1e-5);
     // Against the float product with the dequantized weights: the only error left is the rounding of
     // in-range activations, |x - code*s_a| <= s_a/2, so |err| <= s_a/2 * sum_k |W[n,k]| (+ fp slack).

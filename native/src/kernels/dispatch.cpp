@@ -127,18 +127,24 @@ Status w8a8_quantize(const float* x, int64_t M, int64_t K, int64_t ldx, float s_
     });
     a.outliers.clear();
     for (auto& p : parts) a.outliers.insert(a.outliers.end(), p.begin(), p.end());
+    a.outlier_row_begin.assign(size_t(M + 1), 0);
+    for (const Outlier& o : a.outliers) a.outlier_row_begin[o.m + 1]++;
+    for (int64_t m = 0; m < M; ++m) a.outlier_row_begin[m + 1] += a.outlier_row_begin[m];
   } catch (const std::bad_alloc&) {
     return Status::kOutOfMemory;
   }
   return Status::kOk;
 }
 
-Status w8a8_gemm(const W8A8Act& a, const W8A8Weights& w, const float* bias, float* y, int64_t ldy,
-                 bool accumulate, ThreadPool* pool) {
+namespace {
+Status w8a8_gemm_impl(const W8A8Act& a, const W8A8Weights& w, const float* bias, float* y, int64_t ldy,
+                      bool accumulate, bool fuse, ThreadPool* pool) {
   EDGEMM_CHECK(y && a.M > 0 && w.N > 0 && a.K == w.K && a.Kp == w.Kp && ldy >= w.N);
   EDGEMM_CHECK(a.data.size() >= size_t(a.Mp * a.Kp) && w.data.size() >= size_t(w.Np * w.Kp));
+  EDGEMM_CHECK(!fuse || a.outlier_row_begin.size() == size_t(a.M + 1));
   impl::W8A8GemmArgs g{a.data.data(), w.data.data(), w.col_sum.data(), w.weight_scale.data(), bias,
-                       a.scale, a.M, w.N, a.Mp, w.Np, w.Kp, y, ldy, accumulate};
+                       a.scale, a.M, w.N, a.Mp, w.Np, w.Kp, y, ldy, accumulate,
+                       fuse ? a.outliers.data() : nullptr, fuse ? a.outlier_row_begin.data() : nullptr};
   const impl::KernelTable& t = impl::active_table();
   const int64_t tiles = a.Mp / 8, panels = w.Np / 16;
   // Default: threads take row tiles and walk the same weight panels, so threads on SMT siblings (the
@@ -152,6 +158,20 @@ Status w8a8_gemm(const W8A8Act& a, const W8A8Weights& w, const float* bias, floa
     parallel_for(pool, panels, 3, [&](int64_t p0, int64_t p1, int) { t.w8a8_gemm(g, p0, p1, 0, tiles); });
   }
   return Status::kOk;
+}
+}  // namespace
+
+Status w8a8_gemm(const W8A8Act& a, const W8A8Weights& w, const float* bias, float* y, int64_t ldy,
+                 bool accumulate, ThreadPool* pool) {
+  return w8a8_gemm_impl(a, w, bias, y, ldy, accumulate, false, pool);
+}
+
+Status w8a8_linear(const W8A8Act& a, const W8A8Weights& w, const float* bias, float* y, int64_t ldy,
+                   bool accumulate, ThreadPool* pool) {
+  const bool fused = impl::active_table().w8a8_gemm_fuses_shadow && !a.outliers.empty();
+  Status s = w8a8_gemm_impl(a, w, bias, y, ldy, accumulate, fused, pool);
+  if (s != Status::kOk || fused) return s;
+  return w8a8_shadow(a, w, y, ldy, pool);
 }
 
 Status w8a8_shadow(const W8A8Act& a, const W8A8Weights& w, float* y, int64_t ldy, ThreadPool* pool) {

@@ -23,6 +23,10 @@ struct W8A8GemmArgs {
   float* y;
   int64_t ldy;
   bool accumulate;
+  // Fused shadow outliers (only read when the table sets w8a8_gemm_fuses_shadow): outliers sorted by
+  // (m, k), orow[m]..orow[m+1] the outliers of row m; null = plain GEMM.
+  const Outlier* outliers;
+  const int32_t* orow;
 };
 // Computes the output columns of 16-column panels [p0, p1) (p0 a multiple of 3) for the 8-row tiles
 // [t0, t1).
@@ -86,6 +90,7 @@ struct KernelTable {
   Isa isa;
   W8A8QuantFn w8a8_quant;
   W8A8GemmFn w8a8_gemm;
+  bool w8a8_gemm_fuses_shadow;  // w8a8_gemm applies W8A8GemmArgs::outliers in its epilogue
   ShadowFn w8a8_shadow;
   WoqQuantRowFn woq_quant_row;
   WoqGemmFn woq_int4;

@@ -98,7 +98,8 @@ struct W8A8Act {
   float scale = 0.f;
   AlignedBuffer<uint8_t> data;
   AlignedBuffer<int32_t> row_sum;
-  std::vector<Outlier> outliers;  // sorted by (m, k)
+  std::vector<Outlier> outliers;           // sorted by (m, k)
+  std::vector<int32_t> outlier_row_begin;  // [M + 1]: outliers of row m are [begin[m], begin[m+1])
 };
 // Quantizes x [M, K] (row stride ldx) with the static per-tensor scale s_a (> 0, finite).
 // Buffers of `out` are reused when large enough. Collects every clipped element into out->outliers.
@@ -109,8 +110,14 @@ Status w8a8_quantize(const float* x, int64_t M, int64_t K, int64_t ldx, float s_
 Status w8a8_gemm(const W8A8Act& a, const W8A8Weights& w, const float* bias, float* y, int64_t ldy,
                  bool accumulate, ThreadPool* pool);
 // Shadow outlier execution: y[m, :] += sum over a.outliers of residual * W[:, k] * s_w. Uses hot_cols
-// for hot channels and decodes the column from the packed int8 weights otherwise.
+// for hot channels and decodes the column from the packed int8 weights otherwise. This is the "CPU
+// lane" half of a W8A8 linear whose int8 GEMM may run elsewhere (an NPU), concurrently.
 Status w8a8_shadow(const W8A8Act& a, const W8A8Weights& w, float* y, int64_t ldy, ThreadPool* pool);
+// CPU-only W8A8 linear: the int8 GEMM with the shadow outliers applied in its epilogue (AVX-512: the
+// outlier columns are decoded from the weight panels already in cache; other ISAs run w8a8_gemm then
+// w8a8_shadow). Bit-identical to w8a8_gemm followed by w8a8_shadow.
+Status w8a8_linear(const W8A8Act& a, const W8A8Weights& w, const float* bias, float* y, int64_t ldy,
+                   bool accumulate, ThreadPool* pool);
 
 // ---------------------------------------------------------------------------------------------------
 // 2-4. Weight-only int4 / int8 (dense or 2:4 sparse) GEMV and GEMM (decode)

@@ -98,16 +98,22 @@ void w8a8_quant(const float* x, int64_t ldx, int64_t K, float s_a, uint8_t* pack
 #define EDGEMM_W8A8_STORE(r)                                                               \
   if (r < rows) {                                                                          \
     float* yr = y + r * ldy;                                                               \
-    store(yr, 0, c##r##0);                                                                 \
-    if (NP > 1) store(yr, 1, c##r##1);                                                     \
-    if (NP > 2) store(yr, 2, c##r##2);                                                     \
+    store(yr, r, 0, c##r##0);                                                              \
+    if (NP > 1) store(yr, r, 1, c##r##1);                                                  \
+    if (NP > 2) store(yr, r, 2, c##r##2);                                                  \
   }
 
 struct W8A8Epi {
-  __m512 scale[3], bias[3];
+  __m512 scale[3], bias[3], wscale[3];
   __m512i corr[3];
   __mmask16 nmask[3];
   bool accumulate;
+  // Fused shadow: outliers of row m are outliers[orow[m] .. orow[m+1]); wg = this panel group's packed
+  // weights, np its panel count.
+  const Outlier* outliers;
+  const int32_t* orow;
+  const int8_t* wg;
+  int np;
 };
 
 #define EDGEMM_W8A8_LOAD(r)                                                 \
@@ -126,7 +132,7 @@ struct W8A8Epi {
 // dequant epilogue into y).
 template <int NP>
 EDGEMM_INLINE void w8a8_tile(const uint8_t* a, const int8_t* w, int64_t k4n, const W8A8Epi& e, int rows,
-                             float* y, int64_t ldy, const int32_t* cin, int32_t* cout) {
+                             float* y, int64_t ldy, const int32_t* cin, int32_t* cout, int64_t m0) {
   const __m512i z = _mm512_setzero_si512();
   __m512i c00 = z, c01 = z, c02 = z, c10 = z, c11 = z, c12 = z, c20 = z, c21 = z, c22 = z, c30 = z,
           c31 = z, c32 = z, c40 = z, c41 = z, c42 = z, c50 = z, c51 = z, c52 = z, c60 = z, c61 = z,
@@ -154,10 +160,20 @@ EDGEMM_INLINE void w8a8_tile(const uint8_t* a, const int8_t* w, int64_t k4n, con
     EDGEMM_W8A8_SAVE(4) EDGEMM_W8A8_SAVE(5) EDGEMM_W8A8_SAVE(6) EDGEMM_W8A8_SAVE(7)
     return;
   }
-  auto store = [&](float* yr, int q, __m512i acc) {
+  auto store = [&](float* yr, int r, int q, __m512i acc) {
     __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, e.corr[q]));
     v = _mm512_fmadd_ps(v, e.scale[q], e.bias[q]);
     if (e.accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(e.nmask[q], yr + q * 16));
+    if (e.orow) {  // fused shadow outliers of this row (same operations as w8a8_shadow)
+      const int64_t m = m0 + r;
+      for (int32_t i = e.orow[m]; i < e.orow[m + 1]; ++i) {
+        const int32_t k = e.outliers[i].k;
+        __m512i c = _mm512_load_si512(e.wg + (k / 4) * e.np * 64 + q * 64);
+        c = _mm512_srai_epi32(_mm512_sll_epi32(c, _mm_cvtsi32_si128(24 - 8 * (k % 4))), 24);
+        const __m512 col = _mm512_mul_ps(_mm512_cvtepi32_ps(c), e.wscale[q]);
+        v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_set1_ps(e.outliers[i].residual), col));
+      }
+    }
     _mm512_mask_storeu_ps(yr + q * 16, e.nmask[q], v);
   };
   EDGEMM_W8A8_STORE(0) EDGEMM_W8A8_STORE(1) EDGEMM_W8A8_STORE(2) EDGEMM_W8A8_STORE(3)
@@ -174,10 +190,15 @@ void w8a8_panels(const W8A8GemmArgs& g, int64_t p, int64_t t0, int64_t t1) {
   const int8_t* w = g.w + layout::w8a8_panel(p, g.Kp, g.Np).base;
   W8A8Epi e;
   e.accumulate = g.accumulate;
+  e.outliers = g.outliers;
+  e.orow = g.orow;
+  e.wg = w;
+  e.np = NP;
   const __m512 sa = _mm512_set1_ps(g.s_a);
   for (int q = 0; q < 3; ++q) {
     const int64_t n0 = (p + std::min(q, NP - 1)) * 16;
-    e.scale[q] = _mm512_mul_ps(sa, _mm512_loadu_ps(g.wscale + n0));
+    e.wscale[q] = _mm512_loadu_ps(g.wscale + n0);
+    e.scale[q] = _mm512_mul_ps(sa, e.wscale[q]);
     e.corr[q] = _mm512_slli_epi32(_mm512_loadu_si512(g.col_sum + n0), 7);
     e.nmask[q] = tail_mask(g.N - n0);
     e.bias[q] = g.bias ? _mm512_maskz_loadu_ps(e.nmask[q], g.bias + n0) : _mm512_setzero_ps();
@@ -187,7 +208,8 @@ void w8a8_panels(const W8A8GemmArgs& g, int64_t p, int64_t t0, int64_t t1) {
   if (kc4 >= k4n) {
     for (int64_t t = t0; t < t1; ++t) {
       const int rows = static_cast<int>(std::min<int64_t>(8, g.M - t * 8));
-      w8a8_tile<NP>(g.a + t * g.Kp * 8, w, k4n, e, rows, g.y + t * 8 * g.ldy + p * 16, g.ldy, nullptr, nullptr);
+      w8a8_tile<NP>(g.a + t * g.Kp * 8, w, k4n, e, rows, g.y + t * 8 * g.ldy + p * 16, g.ldy, nullptr, nullptr,
+                    t * 8);
     }
     return;
   }
@@ -202,7 +224,7 @@ void w8a8_panels(const W8A8GemmArgs& g, int64_t p, int64_t t0, int64_t t1) {
       const int rows = static_cast<int>(std::min<int64_t>(8, g.M - t * 8));
       int32_t* pt = part.data() + t * 8 * 48;
       w8a8_tile<NP>(g.a + t * g.Kp * 8 + kb * 32, w + kb * NP * 64, kc, e, rows, g.y + t * 8 * g.ldy + p * 16,
-                    g.ldy, first ? nullptr : pt, last ? nullptr : pt);
+                    g.ldy, first ? nullptr : pt, last ? nullptr : pt, t * 8);
     }
   }
 }
@@ -552,6 +574,7 @@ const KernelTable* table_avx512() {
     KernelTable k = portable_table(Isa::kAvx512Vnni);
     k.w8a8_quant = w8a8_quant;
     k.w8a8_gemm = w8a8_gemm;
+    k.w8a8_gemm_fuses_shadow = true;
     k.w8a8_shadow = w8a8_shadow;
     k.woq_quant_row = woq_quant_row;
     k.woq_int4 = woq_int4;
