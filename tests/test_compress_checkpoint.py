@@ -213,3 +213,28 @@ def test_end_to_end_on_the_demo_model(tmp_path, capsys):
         accs[name] = json.loads(out)["accuracy"]
     assert accs["fp32"] > 0.5, accs  # a trained model
     assert accs["w8a8"] >= accs["fp32"] - 0.03 and accs["int8"] >= accs["fp32"] - 0.03, accs
+
+
+def test_calibration_loop_batches_and_answer_masks(demo_tokenizer):
+    """The calibration loop feeds prompt + answer (teacher-forced); its loss masks mark exactly the
+    output positions whose next token is an answer token, as the training labels do."""
+    from edgemm.data import load_dataset
+    from edgemm.train.data import IGNORE, merged_labels
+
+    proc = Processor(demo_tokenizer, tiny_config())
+    loop = shapes_forward_loop(proc, n=10, batch_size=4)
+    assert len(loop) == 10 and len(loop.batches) == 3 and len(loop.loss_masks) == 3
+    recs = load_dataset("shapes:10:555").records
+    model = random_model()
+    k = proc.config.num_visual_tokens
+    for b, ((ids, mask, px), lm) in enumerate(zip(loop.batches, loop.loss_masks)):
+        with torch.no_grad():
+            out = model(ids, px, mask)
+        assert tuple(lm.shape) == tuple(out.shape[:2])
+        labels = torch.full_like(ids, IGNORE)
+        for j, r in enumerate(recs[4 * b:4 * b + ids.shape[0]]):
+            p, a = proc.encode_prompt(r.question), proc.encode_answer(r.answer)
+            assert ids[j, :len(p) + len(a)].tolist() == p + a and int(mask[j].sum()) == len(p) + len(a)
+            labels[j, len(p):len(p) + len(a)] = torch.tensor(a)
+        want = merged_labels(labels, ids, proc.config.image_token_id, k)[:, 1:] != IGNORE
+        assert torch.equal(lm[:, :-1], want) and not lm[:, -1].any()

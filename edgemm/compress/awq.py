@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import EdgemmError
 from . import qformat
-from .common import LayerStats, get_module, need_forward_loop, run_calibrated, select_layers, set_module, sync_extras
+from .common import LayerStats, get_module, single_thread, need_forward_loop, run_calibrated, select_layers, set_module, sync_extras
 from .config import AWQConfig
 from .modules import QuantLinear
 from .rtn import quantize_linear_rtn
@@ -99,7 +99,8 @@ def awq_quantize(model: nn.Module, config: AWQConfig, forward_loop=None, quiet: 
             st = stats[sg.linears[0]]
             ws = [get_module(model, n).weight.detach() for n in sg.linears]
             g = groups[sg.linears[0]]
-            s, errs = search_scale(ws, st.hessian, st.mean_abs, config.bits, g, config.symmetric, config.n_grid)
+            with single_thread():
+                s, errs = search_scale(ws, st.hessian, st.mean_abs, config.bits, g, config.symmetric, config.n_grid)
             fold(model, sg, s)
             for n in sg.linears:  # the inputs of the group are now X / s
                 stats[n].hessian = stats[n].hessian / (s.double()[:, None] * s.double()[None, :])
@@ -114,8 +115,9 @@ def awq_quantize(model: nn.Module, config: AWQConfig, forward_loop=None, quiet: 
             st = stats.get(name)
             clip = None
             if st is not None and st.n > 0 and config.clip_search:
-                clip = search_clip(layer.weight.detach(), st.hessian, config.bits, groups[name], config.symmetric,
-                                   config.max_shrink, config.clip_grid)
+                with single_thread():
+                    clip = search_clip(layer.weight.detach(), st.hessian, config.bits, groups[name], config.symmetric,
+                                       config.max_shrink, config.clip_grid)
             method = "awq" if st is not None and st.n > 0 else "rtn"
             set_module(model, name, quantize_linear_rtn(layer, config.bits, config.group_size, config.symmetric, name,
                                                         method=method, clip=clip))

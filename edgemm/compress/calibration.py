@@ -19,11 +19,16 @@ from ..errors import EdgemmError
 
 
 class CalibrationLoop:
-    """A forward_loop over precomputed batches; `len()` is the number of samples."""
+    """A forward_loop over precomputed batches; `len()` is the number of samples.
 
-    def __init__(self, batches, name: str):
+    `loss_masks[i]` (bool [B, T_out], one per batch, aligned with the model's output positions) marks
+    the positions whose next token is an answer token: what a training-based method (MaskLLM) may
+    restrict its objective to."""
+
+    def __init__(self, batches, name: str, loss_masks=None):
         self.batches = batches  # list of (input_ids, attention_mask, pixel_values) torch tensors
         self.name = name
+        self.loss_masks = loss_masks
 
     def __len__(self) -> int:
         return sum(int(b[0].shape[0]) for b in self.batches)
@@ -44,20 +49,27 @@ def records_forward_loop(processor, records, images, batch_size: int = 16, name:
         raise EdgemmError("calibration batch size must be >= 1")
     if not records:
         raise EdgemmError("calibration needs at least one record")
-    batches = []
+    batches, loss_masks = [], []
     pad = processor.config.pad_token_id
+    k = processor.config.num_visual_tokens
     for i in range(0, len(records), batch_size):
         recs, ims = records[i:i + batch_size], images[i:i + batch_size]
-        seqs = [processor.encode_prompt(r.question) + processor.encode_answer(r.answer) for r in recs]
+        prompts = [processor.encode_prompt(r.question) for r in recs]
+        answers = [processor.encode_answer(r.answer) for r in recs]
+        seqs = [p + a for p, a in zip(prompts, answers)]
         t = max(len(s) for s in seqs)
         ids = np.full((len(seqs), t), pad, np.int64)
         mask = np.zeros((len(seqs), t), np.int64)
+        lm = np.zeros((len(seqs), t - 1 + k), bool)
         for j, s in enumerate(seqs):  # right padding, as in training
             ids[j, :len(s)] = s
             mask[j, :len(s)] = 1
+            a0 = len(prompts[j]) - 1 + k  # first answer token in the merged sequence (image token -> k tokens)
+            lm[j, a0 - 1:a0 - 1 + len(answers[j])] = True  # the logits that predict the answer and its EOS
         px = processor.images(ims)
         batches.append((torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(px)))
-    return CalibrationLoop(batches, name)
+        loss_masks.append(torch.from_numpy(lm))
+    return CalibrationLoop(batches, name, loss_masks)
 
 
 def dataset_forward_loop(processor, dataset_spec, n: int | None = None, batch_size: int = 16) -> CalibrationLoop:

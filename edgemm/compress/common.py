@@ -5,6 +5,7 @@ metadata that ends up in `config.extras`.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 from dataclasses import dataclass, field
@@ -20,6 +21,18 @@ ForwardLoop = Callable[[nn.Module], None]
 # Attribute set on a layer (nn.Linear or a packed module) whose weight is N:M sparse: a dict
 # {"n": N, "m": M, "method": ...}. It travels with the layer when the layer is quantized.
 NM_ATTR = "_edgemm_nm"
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run a loop of small tensor ops on one thread: on a busy 2-core machine OpenMP barriers make
+    GPTQ's column-by-column loop ~50x slower with 2 threads than with 1 (measured; see docs/compression.md)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------------------ selection
@@ -160,11 +173,40 @@ class LayerStats:
         return (2.0 / max(self.n, 1) * self.hessian).float()
 
 
+class _StopForward(Exception):
+    """Raised inside a calibration forward once every hooked layer has seen its input."""
+
+
 def collect_stats(model: nn.Module, layers: dict[str, nn.Module], forward_loop: ForwardLoop,
-                  make: Callable[[str, nn.Module], LayerStats]) -> dict[str, LayerStats]:
-    """Run `forward_loop(model)` once with input hooks on `layers`; layers never called get no entry."""
+                  make: Callable[[str, nn.Module], LayerStats], stop_at: dict[str, nn.Module] | None = None) -> dict[str, LayerStats]:
+    """Run `forward_loop(model)` once with input hooks on `layers`; layers never called get no entry.
+
+    `stop_at`: layers that run after all of `layers` (later blocks). When one of them is about to run
+    and every hooked layer has already run in this forward call, the rest of the forward is skipped
+    (the model call returns None), which makes block-by-block calibration about twice as fast."""
     stats: dict[str, LayerStats] = {}
     handles = []
+    seen: set[str] = set()
+
+    def reset(*_a):
+        seen.clear()
+
+    def stop(*_a):
+        if len(seen) == len(layers):
+            raise _StopForward
+
+    original = model.forward if stop_at else None
+    own_forward = model.__dict__.get("forward")
+    if stop_at:
+        def forward(*args, **kwargs):
+            try:
+                return original(*args, **kwargs)
+            except _StopForward:
+                return None
+        model.forward = forward
+        handles.append(model.register_forward_pre_hook(reset))
+        for mod in stop_at.values():
+            handles.append(mod.register_forward_pre_hook(stop))
 
     def hook_for(name, mod):
         def hook(_m, args, kwargs):
@@ -172,6 +214,7 @@ def collect_stats(model: nn.Module, layers: dict[str, nn.Module], forward_loop: 
             if name not in stats:
                 stats[name] = make(name, mod)
             stats[name].update(x)
+            seen.add(name)
         return hook
 
     for name, mod in layers.items():
@@ -182,6 +225,11 @@ def collect_stats(model: nn.Module, layers: dict[str, nn.Module], forward_loop: 
     finally:
         for h in handles:
             h.remove()
+        if original is not None:
+            if own_forward is not None:
+                model.forward = own_forward
+            else:
+                del model.forward  # back to the class's forward
     return stats
 
 
@@ -248,8 +296,10 @@ def run_calibrated(model: nn.Module, layer_names: list[str], forward_loop: Forwa
                 probe = [] if reached is not None else [
                     get_module(model, n).register_forward_pre_hook(lambda *_a, _n=n: seen.add(_n)) for n in layer_names]
                 seen: set[str] = set()
+                later = [n for g in groups[groups.index(names) + 1:] for n in g]
+                stop_at = {n: get_module(model, n) for n in later} if reached is not None and sequential else None
                 try:
-                    stats = collect_stats(model, mods, forward_loop, make)
+                    stats = collect_stats(model, mods, forward_loop, make, stop_at)
                 finally:
                     for h in probe:
                         h.remove()

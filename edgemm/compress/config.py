@@ -198,6 +198,10 @@ class MaskLLMConfig(_Sparse):
     init_std: float = 0.01
     weight_reg: float = 1e-5  # rewards keeping large weights, decays linearly to 0
     objective: str = "kl"  # kl (outputs are logits) | mse (any output)
+    # "answers": only the output positions the forward_loop marks in its `loss_masks` (the calibration
+    # loops of edgemm.compress.calibration mark the positions that predict answer tokens); "all": every
+    # output position. Without loss_masks on the loop, "answers" falls back to "all".
+    positions: str = "all"
     seed: int = 0
 
     def validate(self):
@@ -212,6 +216,7 @@ class MaskLLMConfig(_Sparse):
         _check(self.prior in (None, "sparsegpt", "wanda", "magnitude"), f"maskllm: prior must be sparsegpt, wanda, magnitude or none, got {self.prior!r}")
         _check(self.prior_strength >= 0, "maskllm: prior_strength must be >= 0")
         _check(self.objective in ("kl", "mse"), f"maskllm: objective must be kl or mse, got {self.objective!r}")
+        _check(self.positions in ("all", "answers"), f"maskllm: positions must be all or answers, got {self.positions!r}")
         return self
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import EdgemmError
 from . import qformat
-from .common import (LayerStats, get_module, hessian_inverse_chol, need_forward_loop, prepare_hessian, run_calibrated,
+from .common import (LayerStats, single_thread, get_module, hessian_inverse_chol, need_forward_loop, prepare_hessian, run_calibrated,
                      select_layers, set_module, sync_extras)
 from .config import GPTQConfig
 from .modules import QuantLinear
@@ -27,11 +27,17 @@ from .rtn import quantize_linear_rtn
 __all__ = ["GPTQConfig", "gptq_quantize", "gptq_weight"]
 
 
-def gptq_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, symmetric: bool, damp: float = 0.01,
-                act_order: bool = True, block_size: int = 128, keep: torch.Tensor | None = None, name: str = "layer"):
+def gptq_weight(*args, **kwargs):
     """GPTQ on one weight matrix W [N, K] with Hessian H [K, K] -> (codes u, scale, zero) as in qformat.
 
-    `keep` (bool [N, K]) marks the weights allowed to be nonzero (N:M sparsity); the others get code zero."""
+    Arguments: W, H, bits, group, symmetric, damp=0.01, act_order=True, block_size=128, keep=None
+    (bool [N, K]: the weights allowed to be nonzero under N:M sparsity; the others get code zero)."""
+    with single_thread():
+        return _gptq_weight(*args, **kwargs)
+
+
+def _gptq_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, symmetric: bool, damp: float = 0.01,
+                act_order: bool = True, block_size: int = 128, keep: torch.Tensor | None = None, name: str = "layer"):
     W = W.detach().float()
     n, k = W.shape
     W, H = prepare_hessian(W, H.float())

@@ -142,6 +142,9 @@ def maskllm_prune(model: nn.Module, config: MaskLLMConfig, forward_loop=None, qu
     opt = torch.optim.AdamW(gates, lr=config.lr, weight_decay=0.0)
     torch.manual_seed(config.seed)
     state = {"step": 0, "call": 0, "loss": 0.0, "history": []}
+    loss_masks = getattr(forward_loop, "loss_masks", None)
+    if loss_masks is not None and len(loss_masks) != len(teacher):
+        loss_masks = None
     norms = {name: float(layer.weight.detach().float().pow(2).sum()) or 1.0 for name, layer in layers.items()}
 
     def schedule(step: int) -> float:
@@ -161,12 +164,19 @@ def maskllm_prune(model: nn.Module, config: MaskLLMConfig, forward_loop=None, qu
             raise EdgemmError("maskllm: forward_loop must feed the same batches every time (output shapes differ between passes)")
         if not y.requires_grad:
             raise EdgemmError("maskllm: forward_loop runs without autograd (torch.no_grad?); mask training needs gradients")
+        yf, tf = y.float(), target
+        sel = None
+        if config.positions == "answers" and loss_masks is not None:
+            sel = loss_masks[(state["call"] - 1) % len(loss_masks)]
+            if tuple(sel.shape) != tuple(y.shape[:sel.ndim]):
+                raise EdgemmError("maskllm: the forward_loop's loss_masks do not match the model's outputs")
+            yf, tf = yf[sel], tf[sel]
         if config.objective == "kl":
             v = y.shape[-1]
-            loss = F.kl_div(F.log_softmax(y.float().reshape(-1, v), -1), F.log_softmax(target.reshape(-1, v), -1),
+            loss = F.kl_div(F.log_softmax(yf.reshape(-1, v), -1), F.log_softmax(tf.reshape(-1, v), -1),
                             log_target=True, reduction="batchmean")
         else:
-            loss = F.mse_loss(y.float(), target) / target.pow(2).mean().clamp(min=1e-12)
+            loss = F.mse_loss(yf, tf) / tf.pow(2).mean().clamp(min=1e-12)
         t = schedule(state["step"])
         if config.weight_reg > 0:
             used = [(nm_, w) for nm_, w in wrappers.items() if w.mask is not None]

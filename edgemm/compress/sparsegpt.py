@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import EdgemmError
-from .common import (LayerStats, get_module, hessian_inverse_chol, need_forward_loop, prepare_hessian, run_calibrated,
+from .common import (LayerStats, single_thread, get_module, hessian_inverse_chol, need_forward_loop, prepare_hessian, run_calibrated,
                      select_layers, sync_extras)
 from .config import SparseGPTConfig
 from .magnitude import magnitude_mask
@@ -24,6 +24,11 @@ __all__ = ["SparseGPTConfig", "sparsegpt_prune", "sparsegpt_weight"]
 def sparsegpt_weight(W: torch.Tensor, H: torch.Tensor, n: int, m: int, damp: float = 0.01, block_size: int = 128,
                      name: str = "layer"):
     """-> (updated weight [N_out, K] with exact N:M zeros, keep mask)."""
+    with single_thread():
+        return _sparsegpt_weight(W, H, n, m, damp, block_size, name)
+
+
+def _sparsegpt_weight(W, H, n, m, damp, block_size, name):
     W = W.detach().float()
     rows, k = W.shape
     W, H = prepare_hessian(W, H.float())
