@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
                     rdist: bool = typer.Option(True, "--rdist/--no-rdist", help="RDist: visual-token relation distillation"),
                     temperature: float = typer.Option(2.0, help="KD temperature"),
                     w_visual: float = typer.Option(0.5, help="weight of MDist on the visual positions"),
-                    w_rdist: float = typer.Option(1.0, help="weight of RDist"),
+                    w_rdist: float = typer.Option(10.0, help="weight of RDist"),
                     vit: str = typer.Option("frozen", help="frozen (LLaVA-KD) or finetune the shared ViT copy"),
                     batch_size: int = typer.Option(32, help="batch per rank (the baseline's)"),
                     seed: int = typer.Option(0, help="recipe seed (data seed = seed + 1, as the baseline)"),

@@ -53,7 +53,7 @@ class DistillConfig:
     w_ce: float = 1.0
     w_response: float = 1.0  # MDist on the response tokens
     w_visual: float = 0.5  # MDist on the visual-token positions
-    w_rdist: float = 1.0
+    w_rdist: float = 10.0  # RDist is ~0.02 at init on the demo, the KL terms ~10-20: weight 1 would make it vanish
     dpt_train: tuple[str, ...] = ("projector", "text")  # LLaVA-KD: projector only (its LLM is pre-trained)
     vit: str = "frozen"  # frozen | finetune (at vit_lr_scale in every stage)
     vit_lr_scale: float = 0.1
