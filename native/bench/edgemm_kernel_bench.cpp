@@ -297,6 +297,14 @@ void bench_w8a8() {
                 {{"GMAC/s", g}, {"pct_peak", 100 * g / peak("int8", nt)},
                  {"pct_peak_interleaved", 100 * macs / int8_ref_macs(nt) * t.ref_ratio}}});
         }
+        if (selected("w8a8_linear_fused")) {
+          Timing t = measure([&] { (void)w8a8_linear(a, w, bias.data(), y.data(), s.N, false, &pool); },
+                             int8_ref(pool));
+          double g = macs / t.median_s / 1e9;
+          emit({"w8a8", std::string("w8a8_linear_fused.") + s.name, shape, nt, t,
+                {{"GMAC/s", g}, {"outliers", double(a.outliers.size())},
+                 {"pct_peak_interleaved", 100 * macs / int8_ref_macs(nt) * t.ref_ratio}}});
+        }
         if (selected("w8a8_quant")) {
           Timing t = measure([&] { (void)w8a8_quantize(x.data(), M, s.K, s.K, s_a, &a, &pool); });
           emit({"w8a8", std::string("w8a8_quantize.") + s.name, shape, nt, t,

@@ -98,8 +98,10 @@ void ThreadPool::run(TaskFn fn, void* ctx) {
   t_in_job = true;
   fn(ctx, 0, n_threads_);
   t_in_job = false;
+  // Spin as long as the workers do; then sleep so that, on an oversubscribed machine, a descheduled
+  // worker can get this CPU.
   auto done = [&] { return pending_.load(std::memory_order_acquire) == 0; };
-  if (!spin_until(done, spin_us_ * 50 + 1000)) {
+  if (!spin_until(done, spin_us_)) {
     std::unique_lock<std::mutex> lk(mutex_);
     done_cv_.wait(lk, done);
   }
