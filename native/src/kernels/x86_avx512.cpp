@@ -116,49 +116,24 @@ struct W8A8Epi {
   int np;
 };
 
-#define EDGEMM_W8A8_LOAD(r)                                                 \
-  if (cin) {                                                                \
-    c##r##0 = _mm512_load_si512(cin + (r * 3 + 0) * 16);                    \
-    if (NP > 1) c##r##1 = _mm512_load_si512(cin + (r * 3 + 1) * 16);       \
-    if (NP > 2) c##r##2 = _mm512_load_si512(cin + (r * 3 + 2) * 16);       \
-  }
-#define EDGEMM_W8A8_SAVE(r)                                                 \
-  _mm512_store_si512(cout + (r * 3 + 0) * 16, c##r##0);                     \
-  if (NP > 1) _mm512_store_si512(cout + (r * 3 + 1) * 16, c##r##1);        \
-  if (NP > 2) _mm512_store_si512(cout + (r * 3 + 2) * 16, c##r##2);
-
-// One 8-row tile over k4 steps [0, k4n) of the (already offset) activation / weight pointers.
-// cin: partial sums to start from (null: zero). cout: where to leave partial sums (null: run the
-// dequant epilogue into y).
+// One 8-row tile (rows m0..m0+7) over all k4 steps, then the dequant epilogue into y.
 template <int NP>
 EDGEMM_INLINE void w8a8_tile(const uint8_t* a, const int8_t* w, int64_t k4n, const W8A8Epi& e, int rows,
-                             float* y, int64_t ldy, const int32_t* cin, int32_t* cout, int64_t m0) {
+                             float* y, int64_t ldy, int64_t m0) {
   const __m512i z = _mm512_setzero_si512();
   __m512i c00 = z, c01 = z, c02 = z, c10 = z, c11 = z, c12 = z, c20 = z, c21 = z, c22 = z, c30 = z,
           c31 = z, c32 = z, c40 = z, c41 = z, c42 = z, c50 = z, c51 = z, c52 = z, c60 = z, c61 = z,
           c62 = z, c70 = z, c71 = z, c72 = z;
-  EDGEMM_W8A8_LOAD(0) EDGEMM_W8A8_LOAD(1) EDGEMM_W8A8_LOAD(2) EDGEMM_W8A8_LOAD(3)
-  EDGEMM_W8A8_LOAD(4) EDGEMM_W8A8_LOAD(5) EDGEMM_W8A8_LOAD(6) EDGEMM_W8A8_LOAD(7)
   const int32_t* ap = reinterpret_cast<const int32_t*>(a);
   // The NP panels of a group are interleaved: each k4 step reads NP * 64 contiguous bytes.
   for (int64_t k4 = 0; k4 < k4n; ++k4) {
     const __m512i b0 = _mm512_load_si512(w);
     const __m512i b1 = NP > 1 ? _mm512_load_si512(w + 64) : b0;
     const __m512i b2 = NP > 2 ? _mm512_load_si512(w + 128) : b0;
-#ifdef EDGEMM_W8A8_PF
-    _mm_prefetch(reinterpret_cast<const char*>(w + EDGEMM_W8A8_PF), _MM_HINT_T0);
-    if (NP > 1) _mm_prefetch(reinterpret_cast<const char*>(w + 64 + EDGEMM_W8A8_PF), _MM_HINT_T0);
-    if (NP > 2) _mm_prefetch(reinterpret_cast<const char*>(w + 128 + EDGEMM_W8A8_PF), _MM_HINT_T0);
-#endif
     EDGEMM_W8A8_ROW(0) EDGEMM_W8A8_ROW(1) EDGEMM_W8A8_ROW(2) EDGEMM_W8A8_ROW(3)
     EDGEMM_W8A8_ROW(4) EDGEMM_W8A8_ROW(5) EDGEMM_W8A8_ROW(6) EDGEMM_W8A8_ROW(7)
     w += NP * 64;
     ap += 8;
-  }
-  if (cout) {
-    EDGEMM_W8A8_SAVE(0) EDGEMM_W8A8_SAVE(1) EDGEMM_W8A8_SAVE(2) EDGEMM_W8A8_SAVE(3)
-    EDGEMM_W8A8_SAVE(4) EDGEMM_W8A8_SAVE(5) EDGEMM_W8A8_SAVE(6) EDGEMM_W8A8_SAVE(7)
-    return;
   }
   auto store = [&](float* yr, int r, int q, __m512i acc) {
     __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, e.corr[q]));
@@ -180,10 +155,6 @@ EDGEMM_INLINE void w8a8_tile(const uint8_t* a, const int8_t* w, int64_t k4n, con
   EDGEMM_W8A8_STORE(4) EDGEMM_W8A8_STORE(5) EDGEMM_W8A8_STORE(6) EDGEMM_W8A8_STORE(7)
 }
 
-#ifndef EDGEMM_W8A8_KC
-#define EDGEMM_W8A8_KC 0  // k4 steps per K block; 0 = no K blocking
-#endif
-
 template <int NP>
 void w8a8_panels(const W8A8GemmArgs& g, int64_t p, int64_t t0, int64_t t1) {
   const int64_t k4n = g.Kp / 4;
@@ -203,29 +174,9 @@ void w8a8_panels(const W8A8GemmArgs& g, int64_t p, int64_t t0, int64_t t1) {
     e.nmask[q] = tail_mask(g.N - n0);
     e.bias[q] = g.bias ? _mm512_maskz_loadu_ps(e.nmask[q], g.bias + n0) : _mm512_setzero_ps();
   }
-  const int64_t tiles = t1;
-  const int64_t kc4 = EDGEMM_W8A8_KC > 0 ? EDGEMM_W8A8_KC : k4n;
-  if (kc4 >= k4n) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int rows = static_cast<int>(std::min<int64_t>(8, g.M - t * 8));
-      w8a8_tile<NP>(g.a + t * g.Kp * 8, w, k4n, e, rows, g.y + t * 8 * g.ldy + p * 16, g.ldy, nullptr, nullptr,
-                    t * 8);
-    }
-    return;
-  }
-  // K-blocked: the weight block (kc4 x NP x 64 bytes) stays in L1 across all row tiles; partial sums
-  // live in a per-thread scratch between blocks.
-  thread_local AlignedBuffer<int32_t> part;
-  if (!part.resize(size_t(tiles * 8 * 48))) return;
-  for (int64_t kb = 0; kb < k4n; kb += kc4) {
-    const int64_t kc = std::min(kc4, k4n - kb);
-    const bool first = kb == 0, last = kb + kc >= k4n;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int rows = static_cast<int>(std::min<int64_t>(8, g.M - t * 8));
-      int32_t* pt = part.data() + t * 8 * 48;
-      w8a8_tile<NP>(g.a + t * g.Kp * 8 + kb * 32, w + kb * NP * 64, kc, e, rows, g.y + t * 8 * g.ldy + p * 16,
-                    g.ldy, first ? nullptr : pt, last ? nullptr : pt, t * 8);
-    }
+  for (int64_t t = t0; t < t1; ++t) {
+    const int rows = static_cast<int>(std::min<int64_t>(8, g.M - t * 8));
+    w8a8_tile<NP>(g.a + t * g.Kp * 8, w, k4n, e, rows, g.y + t * 8 * g.ldy + p * 16, g.ldy, t * 8);
   }
 }
 
