@@ -263,6 +263,15 @@ def test_cli_compress_and_recipes(capsys, tmp_path, tiny_ckpt):
     assert main(["recipes", "list", "--json"]) == 0
     names = [r["name"] for r in json.loads(capsys.readouterr().out)]
     assert {"laptop", "phone-npu", "tiny"} <= set(names)
+    # --reuse: a stage's output taken from an existing checkpoint
+    y2 = tmp_path / "r2.yaml"
+    y2.write_text("eval: {data: 'shapes:6:2'}\nstages:\n  - tokens: fastervlm:0.5\n  - tokens: pool:0.25\n    name: pooled\n")
+    assert main(["compress", str(tiny_ckpt), "--recipe", str(y2), "-o", str(tmp_path / "o2"), "--reuse",
+                 f"pooled={tmp_path / 'out' / 'model'}", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["rows"][2]["info"]["prebuilt"] == str(tmp_path / "out" / "model") and rep["rows"][2]["visual_tokens"] == 4
+    assert main(["compress", str(tiny_ckpt), "--recipe", str(y2), "-o", str(tmp_path / "o3"), "--reuse", "zz=x"]) == 1
+    assert "no stage 'zz'" in capsys.readouterr().err
     assert main(["compress", str(tiny_ckpt), "--recipe", "nope", "-o", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
     assert "unknown recipe" in err and len(err.strip().splitlines()) == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -21,6 +21,8 @@ def register(app: typer.Typer) -> None:
                      limit: Optional[int] = typer.Option(None, help="evaluate only the first N questions"),
                      batch_size: Optional[int] = typer.Option(None, help="questions per evaluation batch"),
                      threads: Optional[int] = typer.Option(None, help="CPU threads (default 2)"),
+                     reuse: Optional[List[str]] = typer.Option(None, "--reuse", help="STAGE=CHECKPOINT: take that stage's output "
+                                                               "from an existing checkpoint (e.g. distill=out/kd) instead of running it"),
                      as_json: bool = typer.Option(False, "--json", help="print the report as JSON")):
         """Run a compression recipe; writes the compressed checkpoint and a report after every stage (resumable)."""
         import os
@@ -32,13 +34,24 @@ def register(app: typer.Typer) -> None:
         if threads is not None and threads < 1:
             raise EdgemmError("--threads must be >= 1")
         rec = load_recipe(recipe)  # validate before loading anything heavy
+        prebuilt = {}
+        for item in reuse or []:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise EdgemmError(f"--reuse takes STAGE=CHECKPOINT, got {item!r}")
+            if name not in [s.name for s in rec.stages]:
+                raise EdgemmError(f"--reuse: the recipe has no stage {name!r} (stages: {', '.join(s.name for s in rec.stages)})")
+            if not (Path(path) / "config.json").is_file():
+                raise EdgemmError(f"--reuse: {path} is not an edgemm checkpoint directory")
+            prebuilt[name] = path
         import torch
 
         from .runner import run_recipe
 
         torch.set_num_threads(threads or min(2, os.cpu_count() or 1))
         say = (lambda s: None) if as_json else (lambda s: typer.echo(s, err=True))
-        rep = run_recipe(model, rec, out_dir, eval_data=data, eval_limit=limit, batch_size=batch_size, quiet=as_json, say=say)
+        rep = run_recipe(model, rec, out_dir, eval_data=data, eval_limit=limit, batch_size=batch_size, quiet=as_json, say=say,
+                         prebuilt=prebuilt)
         if as_json:
             sys.stdout.write(json.dumps(rep, indent=2) + "\n")
             return
