@@ -10,6 +10,12 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb"):
     """Open a temp file beside `path`; rename it over `path` only if the block succeeds."""
@@ -21,6 +27,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb"):
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -32,6 +39,19 @@ def write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
     with atomic_file(path, "w") as f:
         json.dump(obj, f, indent=indent)
         f.write("\n")
+
+
+def _normal_permissions(root: Path) -> None:
+    """mkdtemp/mkstemp and some writers create 0700/0600 entries; give the tree the umask's defaults."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            mode = os.stat(p).st_mode
+            os.chmod(p, (0o777 if mode & 0o100 else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
@@ -46,6 +66,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _normal_permissions(tmp)
         if path.exists():
             if not overwrite:
                 raise FileExistsError(path)

@@ -10,6 +10,7 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q --upgrade pip
 # torch first, exactly the CPU build on this machine's disk (an unpinned torch pulls a multi-GB CUDA build)
 "${PIP[@]}" install -q torch==2.13.0
-"${PIP[@]}" install -q -e '.[all]'
+# llama-cpp-python builds llama.cpp from source (4-9 minutes on 2 cores); pip reuses the built wheel afterwards
+"${PIP[@]}" install -q -e '.[all,llamacpp]'
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 exec "$VENV/bin/python" -m pytest "$@"

@@ -56,15 +56,22 @@ def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(model: EdgeVLM, tokenizer, path: str | Path, metadata: dict | None = None) -> Path:
-    """Write config.json, model.safetensors and tokenizer.json into `path` atomically."""
+def save_checkpoint(model: EdgeVLM, tokenizer, path: str | Path, metadata: dict | None = None,
+                    float_dtype: torch.dtype | None = None) -> Path:
+    """Write config.json, model.safetensors and tokenizer.json into `path` atomically.
+
+    `float_dtype` (e.g. torch.float16) stores floating-point tensors in that type; they load back
+    into the model's float32 parameters."""
     path = Path(path)
     with atomic_dir(path) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         meta = {"format": "edgemm"}
         if metadata:
             meta.update({k: str(v) for k, v in metadata.items()})
-        save_file(state_dict_for_saving(model), str(tmp / WEIGHTS_FILE), metadata=meta)
+        sd = state_dict_for_saving(model)
+        if float_dtype is not None:
+            sd = {k: v.to(float_dtype) if v.dtype == torch.float32 else v for k, v in sd.items()}
+        save_file(sd, str(tmp / WEIGHTS_FILE), metadata=meta)
         tok = tokenizer.tokenizer if isinstance(tokenizer, Processor) else tokenizer
         tok.save(str(tmp / TOKENIZER_FILE))
     return path

@@ -166,7 +166,9 @@ def train_demo(out_root: Path, names=("demo", "demo-small"), recipe: DemoRecipe 
         info = {"steps": res.steps, "wall_s": round(res.wall_s, 1), "params": n_params,
                 "final": res.history[-1] if res.history else {}}
         report[name] = info
-        save_checkpoint(model, tok, out_root / name, metadata={"trained_by": "edgemm train-demo", "seed": recipe.seed})
+        # shipped in float16 (half the bytes); weights load back into float32 parameters
+        save_checkpoint(model, tok, out_root / name, metadata={"trained_by": "edgemm train-demo", "seed": recipe.seed},
+                        float_dtype=torch.float16)
         write_json(out_root / name / "train_log.json", {"model": name, "recipe": asdict(recipe),
                                                          "vision_pretrain": report["vision_pretrain"], "vlm": info,
                                                          "history": res.history,
