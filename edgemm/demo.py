@@ -96,7 +96,7 @@ def shipped_distilled(model: str, rec) -> dict:
         if st.type != "distill":
             continue
         opts = dict(st.options)
-        want = DistillConfig.from_dict({k: v for k, v in opts.items() if k != "student"})
+        want = DistillConfig.from_dict({k: v for k, v in opts.items() if k != "student"}).resolved()
         from dataclasses import asdict
 
         same = (log.get("student_config") == opts.get("student", "demo-small")

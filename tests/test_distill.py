@@ -201,3 +201,20 @@ def test_distill_runs_unchanged_under_torchrun_with_ddp(tmp_path, tiny_ckpt, set
     log = json.loads((tmp_path / "kd" / "distill_log.json").read_text())
     assert log["world_size"] == 2
     shutil.rmtree(tmp_path / ".kd.work", ignore_errors=True)
+
+
+def test_budget_defaults_to_the_sft_baselines(tmp_path):
+    from edgemm.train.demo import DemoRecipe
+
+    base = tmp_path / "baseline"
+    base.mkdir()
+    (base / "train_log.json").write_text(json.dumps({"recipe": {"vlm_steps": 1234, "batch_size": 16, "max_questions": 5, "seed": 3}}))
+    c = DistillConfig(baseline=str(base)).resolved()
+    assert (c.steps, c.batch_size, c.max_questions, c.seed) == (1234, 16, 5, 3)
+    assert c.stage_steps() == [370, 247, 617] and sum(c.stage_steps()) == 1234
+    c = DistillConfig(baseline=str(base), steps=10).resolved()
+    assert (c.steps, c.batch_size) == (10, 16)
+    d = DistillConfig(baseline=None).resolved()
+    assert (d.steps, d.batch_size, d.seed) == (DemoRecipe().vlm_steps, DemoRecipe().batch_size, DemoRecipe().seed)
+    with pytest.raises(EdgemmError, match="not resolved"):
+        DistillConfig().stage_steps()

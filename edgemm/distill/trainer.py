@@ -16,6 +16,7 @@ resume, progress, DDP under torchrun: the teacher lives in the loss closure, fro
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,13 +36,36 @@ from .losses import kd_kl, rdist
 STAGES = ("dpt", "sft", "dft")
 
 
+BUDGET_FIELDS = {"steps": "vlm_steps", "batch_size": "batch_size", "max_questions": "max_questions", "seed": "seed"}
+
+
+def baseline_recipe(baseline: str | None = "demo-small") -> dict:
+    """The SFT baseline's training recipe (its train_log.json beside the checkpoint), else DemoRecipe's defaults."""
+    from ..train.demo import DemoRecipe
+
+    rec = asdict(DemoRecipe())
+    if baseline:
+        from ..models import BUILTIN, builtin_path
+
+        p = (builtin_path(baseline) if baseline in BUILTIN else Path(baseline)) / "train_log.json"
+        if p.is_file():
+            try:
+                rec.update(json.loads(p.read_text()).get("recipe", {}))
+            except json.JSONDecodeError:
+                raise EdgemmError(f"{p} is not valid JSON") from None
+    return rec
+
+
 @dataclass
 class DistillConfig:
-    steps: int = 3000  # total optimizer steps over the three stages (DemoRecipe.vlm_steps)
+    # The budget: None = the SFT baseline's (`baseline`'s train_log.json recipe: vlm_steps, batch_size,
+    # max_questions, seed; DemoRecipe's defaults without one), so the comparison is at equal data and steps.
+    steps: int | None = None  # total optimizer steps over the three stages
     split: tuple[float, float, float] = (0.3, 0.2, 0.5)  # fractions of `steps` for DPT, SFT, DFT
-    batch_size: int = 32  # per rank, as DemoRecipe
-    max_questions: int = 8
-    seed: int = 0  # DemoRecipe.seed: the data seed is seed + 1, the student's init seed seed + 1
+    batch_size: int | None = None  # per rank
+    max_questions: int | None = None
+    seed: int | None = None  # the data seed is seed + 1 and the student's init seed seed + 1, as the baseline's
+    baseline: str | None = "demo-small"
     lr: float = 1e-3
     dft_lr: float = 5e-4  # the last stage refines
     weight_decay: float = 0.05
@@ -60,18 +84,30 @@ class DistillConfig:
     ckpt_every: int = 250
     log_every: int = 50
 
+    def resolved(self) -> "DistillConfig":
+        """A copy with the budget fields filled in from the baseline's recipe."""
+        rec = None
+        kw = {}
+        for f, r in BUDGET_FIELDS.items():
+            if getattr(self, f) is None:
+                rec = rec if rec is not None else baseline_recipe(self.baseline)
+                kw[f] = int(rec[r])
+        return dataclasses.replace(self, **kw).validate() if kw else self.validate()
+
     def stage_steps(self) -> list[int]:
         if len(self.split) != 3 or any(f < 0 for f in self.split) or sum(self.split) <= 0:
             raise EdgemmError("distill split must be three non-negative fractions (DPT, SFT, DFT)")
+        if self.steps is None:
+            raise EdgemmError("distill steps are not resolved yet (DistillConfig.resolved())")
         total = sum(self.split)
         a = round(self.steps * self.split[0] / total)
         b = round(self.steps * (self.split[0] + self.split[1]) / total) - a
         return [a, b, self.steps - a - b]
 
     def validate(self) -> "DistillConfig":
-        if self.steps < 1:
+        if self.steps is not None and self.steps < 1:
             raise EdgemmError("distill steps must be >= 1")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise EdgemmError("distill batch size must be >= 1")
         if self.temperature <= 0:
             raise EdgemmError("distill temperature must be > 0")
@@ -80,7 +116,8 @@ class DistillConfig:
         bad = set(self.dpt_train) - {"projector", "text"}
         if bad or not self.dpt_train:
             raise EdgemmError("distill dpt_train must name projector and/or text")
-        self.stage_steps()
+        if self.steps is not None:
+            self.stage_steps()
         return self
 
     @classmethod
@@ -107,6 +144,7 @@ class DistillResult:
     processor: Processor
     stages: list[dict] = field(default_factory=list)
     wall_s: float = 0.0
+    config: "DistillConfig | None" = None  # as run (budget resolved)
 
 
 def student_config(spec: str, teacher_cfg: VLMConfig) -> VLMConfig:
@@ -209,7 +247,7 @@ def _trainable(student: EdgeVLM, parts, cfg: DistillConfig) -> list[tuple[list, 
 def distill(teacher: EdgeVLM, processor: Processor, student_cfg: VLMConfig, cfg: DistillConfig,
             work_dir: str | Path | None = None, quiet: bool = False, student: EdgeVLM | None = None) -> DistillResult:
     """Run the three stages; with `work_dir`, every stage checkpoints and a rerun resumes."""
-    cfg.validate()
+    cfg = cfg.resolved()
     rank, world = dist_info()
     teacher.eval()
     for p in teacher.parameters():
@@ -256,7 +294,7 @@ def distill(teacher: EdgeVLM, processor: Processor, student_cfg: VLMConfig, cfg:
     for p in student.parameters():
         p.requires_grad_(True)
     student.eval()
-    return DistillResult(student, proc, stages, round(time.time() - t0, 1))
+    return DistillResult(student, proc, stages, round(time.time() - t0, 1), cfg)
 
 
 def distill_to_checkpoint(teacher_spec: str, student_spec: str, out: str | Path, cfg: DistillConfig,
@@ -276,7 +314,7 @@ def distill_to_checkpoint(teacher_spec: str, student_spec: str, out: str | Path,
     from ..recipes.runner import fingerprint_model
 
     log = {"teacher": teacher_spec, "teacher_fingerprint": fingerprint_model(lm), "student_config": student_spec,
-           "config": asdict(cfg), "params": n_params,
+           "config": asdict(res.config), "params": n_params,
            "wall_s": sum(s["wall_s"] for s in res.stages), "stages": res.stages,
            "torch_threads": torch.get_num_threads(), "world_size": dist_info()[1]}
     if rank == 0:

@@ -63,7 +63,7 @@ def stage_distill(loaded, opts: dict, ctx: RunContext):
     cfg = DistillConfig.from_dict({k: v for k, v in opts.items() if k != "student"})
     scfg = student_config(student_spec, loaded.config)
     res = distill(loaded.model, loaded.processor, scfg, cfg, ctx.work_dir, quiet=ctx.quiet)
-    info = {"student": student_spec, "steps": cfg.steps, "params": sum(p.numel() for p in res.student.parameters()),
+    info = {"student": student_spec, "steps": res.config.steps, "params": sum(p.numel() for p in res.student.parameters()),
             "stages": [{k: v for k, v in s.items() if k != "history"} | {"final": s["history"][-1] if s["history"] else {}}
                        for s in res.stages]}
     return LoadedModel(res.student, res.processor, f"{loaded.source} distilled"), info
