@@ -449,8 +449,8 @@ def build_lm_head(path: Path, text) -> None:
     g.save(path, "edgemm android-npu: final RMSNorm + lm_head on the last prompt token")
 
 
-def build_vision(path: Path, loaded, quantize: bool = True, n_calib: int = 32) -> str:
-    """Static-shape vision encoder; QDQ by onnxruntime's QNN static quantization when `quantize`.
+def build_vision(path: Path, loaded, qdq: bool = True, n_calib: int = 32) -> str:
+    """Static-shape vision encoder; QDQ by onnxruntime's QNN static quantization when `qdq`.
     Returns its precision."""
     import tempfile
 
@@ -460,7 +460,7 @@ def build_vision(path: Path, loaded, quantize: bool = True, n_calib: int = 32) -
     with tempfile.TemporaryDirectory(prefix="edgemm-npu-") as td:
         f32 = Path(td) / "vision_f32.onnx"
         export_vision(onnx_float_model(loaded.model), f32, static=True)
-        if not quantize:
+        if not qdq:
             import shutil
 
             shutil.copy(f32, path)
@@ -554,7 +554,7 @@ def write_android_npu(bw, loaded, chunk_size: int | None = None, max_context: in
         arts.append(bw.add(a))
 
     vis_rel = "npu/vision_encoder.onnx"
-    vprec = build_vision(bw.path(vis_rel), loaded, quantize=vision_quant)
+    vprec = build_vision(bw.path(vis_rel), loaded, qdq=vision_quant)
     add(vis_rel, "vision_encoder", vprec, "npu" if vision_quant else "cpu", static_shape=[1, cfg.vision.num_channels,
         cfg.vision.image_size, cfg.vision.image_size])
     build_embed_chunk(bw.path("npu/embed_chunk.onnx"), model.text.embed_tokens.weight.detach().float().numpy(), C)

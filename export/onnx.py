@@ -404,9 +404,6 @@ def edgemm_packed_weights(model) -> dict:
     return out
 
 
-edgemm_int4_weights = edgemm_packed_weights  # the name the android-npu writer used first
-
-
 def _packed(name, mod):
     import numpy as np
 
@@ -440,10 +437,6 @@ def _dequant_packed(pw: PackedWeight):
         zdef = 128
     z = np.float32(zdef) if pw.zeros is None else np.repeat(pw.zeros.astype(np.float32), pw.group, 1)
     return (u - z) * np.repeat(pw.scales.astype(np.float32), pw.group, 1)
-
-
-def _dequant_int4(qweight, scales, zeros, group):
-    return _dequant_packed(PackedWeight("", 4, qweight, scales, zeros, group))
 
 
 def map_prequantized(model, pre: dict) -> int:
