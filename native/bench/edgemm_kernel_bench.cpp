@@ -229,9 +229,9 @@ std::function<void()> stream_ref(ThreadPool& pool, const AlignedBuffer<char>& bu
       if (rotate) *pos = (base + bytes + bytes <= buf.size()) ? base + bytes : 0;
       const int nt = pool.size();
       on_threads(pool, [&](int tid) {
-        static thread_local volatile uint64_t sink;
+        static thread_local volatile uint64_t sink = 0;
         size_t per = bytes / nt / 256 * 256;
-        sink = read_stream(buf.data() + base + tid * per, per);
+        sink = sink + read_stream(buf.data() + base + tid * per, per);
       });
     };
   }

@@ -108,7 +108,7 @@ void test_w8a8() {
         for (auto& v : ws) v = rng.uniform(0.001f, 0.02f);
         for (auto& v : bias) v = rng.normal();
         W8A8Weights w;
-        CHECK_OK(w8a8_pack(qw.data(), c.K, ws.data(), c.N, c.K, nullptr, 0, &w));
+        CHECK_OK(w8a8_pack(qw.data(), c.K, ws.data(), c.N, c.K, nullptr, 0, &w, pool));
         W8A8Act a;
         CHECK_OK(w8a8_quantize(x.data(), c.M, c.K, c.K, s_a, &a, pool));
         // Codes and row sums exactly.
@@ -349,7 +349,7 @@ void test_woq_dense() {
           std::vector<float> y, yr(M * c.N);
           WoqWeights w;
           const uint8_t* z4 = asym ? d.z4.data() : nullptr;
-          CHECK_OK(woq_pack_int4(d.q4.data(), d.sc.data(), z4, c.N, c.K, c.G, &w));
+          CHECK_OK(woq_pack_int4(d.q4.data(), d.sc.data(), z4, c.N, c.K, c.G, &w, M == 2 ? &pool2() : nullptr));
           run_woq(w, x, M, bias.data(), y, M % 2 ? &pool2() : nullptr);
           ref::woq_int4_linear(x.data(), M, c.K, d.q4.data(), d.sc.data(), z4, c.G, bias.data(), c.N, yr.data());
           CHECK_CLOSE(y.data(), yr.data(), y.size(), 1e-4, 1e-5);
@@ -367,7 +367,7 @@ void test_woq_dense() {
 
           WoqWeights w8;
           const int8_t* z8 = asym ? d.z8.data() : nullptr;
-          CHECK_OK(woq_pack_int8(d.q8.data(), d.sc.data(), z8, c.N, c.K, c.G, &w8));
+          CHECK_OK(woq_pack_int8(d.q8.data(), d.sc.data(), z8, c.N, c.K, c.G, &w8, M == 3 ? &pool2() : nullptr));
           run_woq(w8, x, M, bias.data(), y, M % 2 ? nullptr : &pool2());
           ref::woq_int8_linear(x.data(), M, c.K, d.q8.data(), d.sc.data(), z8, c.G, bias.data(), c.N, yr.data());
           CHECK_CLOSE(y.data(), yr.data(), y.size(), 1e-4, 1e-5);
@@ -399,7 +399,7 @@ void test_woq_sparse() {
           const int8_t* z8 = asym ? z8a.data() : nullptr;
           std::vector<float> ys, yd, yr(M * c.N);
           WoqWeights ws, wd;
-          CHECK_OK(woq_pack_int4_sparse24(q4, d.sc.data(), z4, c.N, c.K, c.G, &ws));
+          CHECK_OK(woq_pack_int4_sparse24(q4, d.sc.data(), z4, c.N, c.K, c.G, &ws, &pool2()));
           CHECK_OK(woq_pack_int4(q4, d.sc.data(), z4, c.N, c.K, c.G, &wd));
           CHECK(woq_bytes(ws) < woq_bytes(wd));
           run_woq(ws, x, M, bias.data(), ys, &pool2());
@@ -445,7 +445,7 @@ void test_f32_gemm() {
     for (const C& c : cases) {
       std::vector<float> x = rng.normals(c.M * c.K), W = rng.normals(c.N * c.K), b = rng.normals(c.N);
       F32Weights w;
-      CHECK_OK(f32_pack(W.data(), c.K, c.N, c.K, &w));
+      CHECK_OK(f32_pack(W.data(), c.K, c.N, c.K, &w, &pool2()));
       std::vector<float> y(c.M * c.N), yr(c.M * c.N);
       CHECK_OK(f32_gemm(x.data(), c.M, c.K, w, b.data(), y.data(), c.N, false, &pool2()));
       ref::f32_linear(x.data(), c.M, c.K, W.data(), b.data(), c.N, yr.data());

@@ -83,8 +83,10 @@ struct W8A8Weights {
 };
 // qweight: int8 [N, K] (row stride ldw), codes in [-127, 127] (-128 is rejected: kInvalidArgument).
 // outlier_channels may be null when n_outlier == 0.
+// Packing runs at load time; pool (optional) parallelizes it over output blocks.
 Status w8a8_pack(const int8_t* qweight, int64_t ldw, const float* weight_scale, int64_t N, int64_t K,
-                 const int32_t* outlier_channels, int64_t n_outlier, W8A8Weights* out);
+                 const int32_t* outlier_channels, int64_t n_outlier, W8A8Weights* out,
+                 ThreadPool* pool = nullptr);
 
 // One clipped activation element, for the shadow path.
 struct Outlier {
@@ -154,16 +156,16 @@ struct WoqWeights {
 // int4: qweight uint8 [N, K/2] (docs/formats.md nibble order), scales fp16 [N, K/G], zeros uint8
 // [N, K/G] or null (symmetric, zero = 8). Requires K % G == 0, G % 32 == 0.
 Status woq_pack_int4(const uint8_t* qweight, const uint16_t* scales, const uint8_t* zeros, int64_t N,
-                     int64_t K, int64_t G, WoqWeights* out);
+                     int64_t K, int64_t G, WoqWeights* out, ThreadPool* pool = nullptr);
 // int8: qweight int8 [N, K], scales fp16 [N, K/G], zeros int8 [N, K/G] or null. G = K is per-channel.
 Status woq_pack_int8(const int8_t* qweight, const uint16_t* scales, const int8_t* zeros, int64_t N,
-                     int64_t K, int64_t G, WoqWeights* out);
+                     int64_t K, int64_t G, WoqWeights* out, ThreadPool* pool = nullptr);
 // 2:4 variants: same inputs (dense with zeros); a weight is zero when its code equals its zero point.
 // Returns kNotSparse if some aligned group of 4 inputs in a row has more than 2 nonzeros.
 Status woq_pack_int4_sparse24(const uint8_t* qweight, const uint16_t* scales, const uint8_t* zeros,
-                              int64_t N, int64_t K, int64_t G, WoqWeights* out);
+                              int64_t N, int64_t K, int64_t G, WoqWeights* out, ThreadPool* pool = nullptr);
 Status woq_pack_int8_sparse24(const int8_t* qweight, const uint16_t* scales, const int8_t* zeros,
-                              int64_t N, int64_t K, int64_t G, WoqWeights* out);
+                              int64_t N, int64_t K, int64_t G, WoqWeights* out, ThreadPool* pool = nullptr);
 
 // Activations quantized for the weight-only kernels: q int8 [M][K], per block d (float) and the code
 // sum asum (int32) [M][K/QB]; the zero-point correction z * asum is applied in int32 (exact).
@@ -192,7 +194,7 @@ struct F32Weights {
   int64_t N = 0, K = 0, Np = 0;
   AlignedBuffer<float> data;
 };
-Status f32_pack(const float* W, int64_t ldw, int64_t N, int64_t K, F32Weights* out);
+Status f32_pack(const float* W, int64_t ldw, int64_t N, int64_t K, F32Weights* out, ThreadPool* pool = nullptr);
 // y[M,N] = x[M,K] @ W^T (+ bias) (accumulate: y += ...). fp32 FMA accumulation, K-blocked (order differs
 // from a naive loop: compare with relative tolerance ~1e-5 * sqrt(K)).
 Status f32_gemm(const float* x, int64_t M, int64_t ldx, const F32Weights& w, const float* bias,

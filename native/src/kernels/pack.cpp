@@ -1,6 +1,7 @@
 // Load-time repacking of the canonical weight formats (docs/formats.md) into the kernel layouts
 // (kernels.h), plus fp16 conversion and the RoPE table. All ISA-independent.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <new>
@@ -87,15 +88,12 @@ uint16_t fp32_to_fp16(float f) {
 // W8A8
 // ---------------------------------------------------------------------------------------------------
 Status w8a8_pack(const int8_t* qweight, int64_t ldw, const float* weight_scale, int64_t N, int64_t K,
-                 const int32_t* outlier_channels, int64_t n_outlier, W8A8Weights* out) {
+                 const int32_t* outlier_channels, int64_t n_outlier, W8A8Weights* out, ThreadPool* pool) {
   EDGEMM_CHECK(qweight && weight_scale && out && N > 0 && K > 0 && ldw >= K && n_outlier >= 0);
   EDGEMM_CHECK(n_outlier == 0 || outlier_channels);
   if (K > 65536) return Status::kOverflow;  // 255 * 127 * K must fit in int32
-  for (int64_t n = 0; n < N; ++n) {
+  for (int64_t n = 0; n < N; ++n)
     if (!std::isfinite(weight_scale[n])) return Status::kInvalidArgument;
-    for (int64_t k = 0; k < K; ++k)
-      if (qweight[n * ldw + k] == -128) return Status::kInvalidArgument;
-  }
   for (int64_t i = 0; i < n_outlier; ++i)
     EDGEMM_CHECK(outlier_channels[i] >= 0 && outlier_channels[i] < K);
   W8A8Weights& w = *out;
@@ -106,18 +104,32 @@ Status w8a8_pack(const int8_t* qweight, int64_t ldw, const float* weight_scale, 
   EDGEMM_ALLOC(w.data, size_t(w.Np * w.Kp), true);
   EDGEMM_ALLOC(w.weight_scale, size_t(w.Np), true);
   EDGEMM_ALLOC(w.col_sum, size_t(w.Np), true);
-  for (int64_t n = 0; n < N; ++n) {
-    const layout::W8A8PanelPos pp = layout::w8a8_panel(n / 16, w.Kp, w.Np);
-    int8_t* panel = w.data.data() + pp.base + (n % 16) * 4;
-    int32_t s = 0;
-    for (int64_t k = 0; k < K; ++k) {
-      int8_t q = qweight[n * ldw + k];
-      panel[(k / 4) * pp.k4_stride + (k % 4)] = q;
-      s += q;
+  std::atomic<bool> bad{false};
+  // One panel (16 channels) per task: each k4 step copies 16 x 4 bytes into 64 contiguous bytes.
+  parallel_for(pool, w.Np / 16, 1, [&](int64_t p0, int64_t p1, int) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const layout::W8A8PanelPos pp = layout::w8a8_panel(p, w.Kp, w.Np);
+      for (int64_t c = 0; c < 16; ++c) {
+        const int64_t n = p * 16 + c;
+        if (n >= N) break;
+        const int8_t* src = qweight + n * ldw;
+        int8_t* dst = w.data.data() + pp.base + c * 4;
+        int32_t sum = 0;
+        bool has_min = false;
+        for (int64_t k = 0; k < K; ++k) {
+          sum += src[k];
+          has_min |= src[k] == -128;
+        }
+        int64_t k4 = 0;
+        for (; k4 < K / 4; ++k4) std::memcpy(dst + k4 * pp.k4_stride, src + 4 * k4, 4);
+        for (int64_t k = 4 * k4; k < K; ++k) dst[k4 * pp.k4_stride + (k - 4 * k4)] = src[k];
+        if (has_min) bad = true;
+        w.col_sum[n] = sum;
+        w.weight_scale[n] = weight_scale[n];
+      }
     }
-    w.col_sum[n] = s;
-    w.weight_scale[n] = weight_scale[n];
-  }
+  });
+  if (bad) return Status::kInvalidArgument;  // code -128 (see kernels.h)
   try {
     w.hot_channel.clear();
     w.hot_index.assign(size_t(K), -1);
@@ -199,36 +211,68 @@ void put_scales(const Src& s, int64_t N, int64_t blk, int64_t g, uint8_t* gp, in
   }
 }
 
-template <class Src>
-Status pack_dense(const Src& s, WFormat f, int64_t N, WoqWeights* w) {
+// Dense packers work on 32-bit words: 4 consecutive inputs of a row become one lane of a 64-byte chunk.
+inline uint32_t load_u32(const void* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+Status pack_dense_int4(const Int4Src& s, int64_t N, WoqWeights* w, ThreadPool* pool) {
   const int64_t K = s.K, G = s.G, ng = K / G;
   const bool z = s.zr != nullptr;
-  const int64_t wbytes = layout::woq_weight_bytes(f, false, G);
-  for (int64_t blk = 0; blk < w->Np / 16; ++blk) {
-    for (int64_t g = 0; g < ng; ++g) {
-      uint8_t* gp = w->data.data() + blk * w->block_bytes + g * w->group_bytes;
-      for (int r = 0; r < 16; ++r) {
-        int64_t n = blk * 16 + r;
-        for (int64_t kk = 0; kk < G; ++kk) {
-          int64_t k = g * G + kk;
-          // Padding rows hold the zero point of row 0 (scale 0 anyway).
-          uint8_t v = n < N ? s.stored(n, k) : s.stored_zero(0, g);
-          if (f == WFormat::kInt4) {
-            uint8_t& b = gp[(kk / 8) * 64 + r * 4 + (kk % 4)];
-            b |= (kk % 8) < 4 ? v : uint8_t(v << 4);
-          } else {
-            gp[(kk / 4) * 64 + r * 4 + (kk % 4)] = v;
+  const int64_t wbytes = layout::woq_weight_bytes(WFormat::kInt4, false, G);
+  parallel_for(pool, w->Np / 16, 1, [&](int64_t b0, int64_t b1, int) {
+    for (int64_t blk = b0; blk < b1; ++blk)
+      for (int64_t g = 0; g < ng; ++g) {
+        uint8_t* gp = w->data.data() + blk * w->block_bytes + g * w->group_bytes;
+        for (int r = 0; r < 16; ++r) {
+          const int64_t n = blk * 16 + r;
+          const uint8_t* src = s.qw + n * (K / 2) + g * G / 2;
+          for (int64_t c = 0; c < G / 8; ++c) {
+            // Source bytes s0..s3 hold inputs 8c..8c+7 (low nibble = even input); the packed lane wants
+            // byte j = input 8c+j (low) | input 8c+4+j (high).
+            uint32_t o = 0x88888888u;  // padding rows: zero point 8 (their scale is 0 anyway)
+            if (n < N) {
+              const uint32_t x = load_u32(src + 4 * c);
+              const uint32_t s0 = x & 0xff, s1 = (x >> 8) & 0xff, s2 = (x >> 16) & 0xff, s3 = x >> 24;
+              o = ((s0 & 0x0f) | ((s2 & 0x0f) << 4)) | (((s0 >> 4) | (s2 & 0xf0)) << 8) |
+                  (((s1 & 0x0f) | ((s3 & 0x0f) << 4)) << 16) | (((s1 >> 4) | (s3 & 0xf0)) << 24);
+            }
+            std::memcpy(gp + c * 64 + r * 4, &o, 4);
           }
         }
+        put_scales(s, N, blk, g, gp, wbytes, z);
       }
-      put_scales(s, N, blk, g, gp, wbytes, z);
-    }
-  }
+  });
+  return Status::kOk;
+}
+
+Status pack_dense_int8(const Int8Src& s, int64_t N, WoqWeights* w, ThreadPool* pool) {
+  const int64_t K = s.K, G = s.G, ng = K / G;
+  const bool z = s.zr != nullptr;
+  const int64_t wbytes = layout::woq_weight_bytes(WFormat::kInt8, false, G);
+  parallel_for(pool, w->Np / 16, 1, [&](int64_t b0, int64_t b1, int) {
+    for (int64_t blk = b0; blk < b1; ++blk)
+      for (int64_t g = 0; g < ng; ++g) {
+        uint8_t* gp = w->data.data() + blk * w->block_bytes + g * w->group_bytes;
+        for (int r = 0; r < 16; ++r) {
+          const int64_t n = blk * 16 + r;
+          const int8_t* src = s.qw + n * K + g * G;
+          const uint32_t zpad = 0x01010101u * s.stored_zero(0, g);
+          for (int64_t c = 0; c < G / 4; ++c) {
+            const uint32_t o = n < N ? (load_u32(src + 4 * c) ^ 0x80808080u) : zpad;  // q + 128
+            std::memcpy(gp + c * 64 + r * 4, &o, 4);
+          }
+        }
+        put_scales(s, N, blk, g, gp, wbytes, z);
+      }
+  });
   return Status::kOk;
 }
 
 template <class Src>
-Status pack_sparse(const Src& s, WFormat f, int64_t N, WoqWeights* w) {
+Status pack_sparse(const Src& s, WFormat f, int64_t N, WoqWeights* w, ThreadPool* pool) {
   const int64_t K = s.K, G = s.G, ng = K / G;
   const bool z = s.zr != nullptr;
   const bool i4 = f == WFormat::kInt4;
@@ -240,7 +284,8 @@ Status pack_sparse(const Src& s, WFormat f, int64_t N, WoqWeights* w) {
       for (int j = 0; j < 4; ++j) nz += s.code(n, k0 + j) != zp;
       if (nz > 2) return Status::kNotSparse;
     }
-  for (int64_t blk = 0; blk < w->Np / 16; ++blk) {
+  parallel_for(pool, w->Np / 16, 1, [&](int64_t b0, int64_t b1, int) {
+  for (int64_t blk = b0; blk < b1; ++blk) {
     for (int64_t g = 0; g < ng; ++g) {
       uint8_t* gp = w->data.data() + blk * w->block_bytes + g * w->group_bytes;
       for (int64_t sl = 0; sl < G / 32; ++sl) {
@@ -286,47 +331,48 @@ Status pack_sparse(const Src& s, WFormat f, int64_t N, WoqWeights* w) {
       put_scales(s, N, blk, g, gp, wbytes, z);
     }
   }
+  });
   return Status::kOk;
 }
 
 }  // namespace
 
 Status woq_pack_int4(const uint8_t* qweight, const uint16_t* scales, const uint8_t* zeros, int64_t N,
-                     int64_t K, int64_t G, WoqWeights* out) {
+                     int64_t K, int64_t G, WoqWeights* out, ThreadPool* pool) {
   EDGEMM_CHECK(qweight && scales && K % 2 == 0);
   Status st = woq_prepare(WFormat::kInt4, false, zeros != nullptr, N, K, G, out);
   if (st != Status::kOk) return st;
   if (zeros)
     for (int64_t i = 0; i < N * (K / G); ++i) EDGEMM_CHECK(zeros[i] <= 15);
-  return pack_dense(Int4Src{qweight, scales, zeros, K, G}, WFormat::kInt4, N, out);
+  return pack_dense_int4(Int4Src{qweight, scales, zeros, K, G}, N, out, pool);
 }
 
 Status woq_pack_int8(const int8_t* qweight, const uint16_t* scales, const int8_t* zeros, int64_t N,
-                     int64_t K, int64_t G, WoqWeights* out) {
+                     int64_t K, int64_t G, WoqWeights* out, ThreadPool* pool) {
   EDGEMM_CHECK(qweight && scales);
   Status st = woq_prepare(WFormat::kInt8, false, zeros != nullptr, N, K, G, out);
   if (st != Status::kOk) return st;
-  return pack_dense(Int8Src{qweight, scales, zeros, K, G}, WFormat::kInt8, N, out);
+  return pack_dense_int8(Int8Src{qweight, scales, zeros, K, G}, N, out, pool);
 }
 
 Status woq_pack_int4_sparse24(const uint8_t* qweight, const uint16_t* scales, const uint8_t* zeros,
-                              int64_t N, int64_t K, int64_t G, WoqWeights* out) {
+                              int64_t N, int64_t K, int64_t G, WoqWeights* out, ThreadPool* pool) {
   EDGEMM_CHECK(qweight && scales && K % 2 == 0);
   Status st = woq_prepare(WFormat::kInt4, true, zeros != nullptr, N, K, G, out);
   if (st != Status::kOk) return st;
   if (zeros)
     for (int64_t i = 0; i < N * (K / G); ++i) EDGEMM_CHECK(zeros[i] <= 15);
-  st = pack_sparse(Int4Src{qweight, scales, zeros, K, G}, WFormat::kInt4, N, out);
+  st = pack_sparse(Int4Src{qweight, scales, zeros, K, G}, WFormat::kInt4, N, out, pool);
   if (st != Status::kOk) *out = WoqWeights();
   return st;
 }
 
 Status woq_pack_int8_sparse24(const int8_t* qweight, const uint16_t* scales, const int8_t* zeros,
-                              int64_t N, int64_t K, int64_t G, WoqWeights* out) {
+                              int64_t N, int64_t K, int64_t G, WoqWeights* out, ThreadPool* pool) {
   EDGEMM_CHECK(qweight && scales);
   Status st = woq_prepare(WFormat::kInt8, true, zeros != nullptr, N, K, G, out);
   if (st != Status::kOk) return st;
-  st = pack_sparse(Int8Src{qweight, scales, zeros, K, G}, WFormat::kInt8, N, out);
+  st = pack_sparse(Int8Src{qweight, scales, zeros, K, G}, WFormat::kInt8, N, out, pool);
   if (st != Status::kOk) *out = WoqWeights();
   return st;
 }
@@ -342,16 +388,23 @@ int64_t woq_act_block(int64_t G) {
 // ---------------------------------------------------------------------------------------------------
 // fp32
 // ---------------------------------------------------------------------------------------------------
-Status f32_pack(const float* W, int64_t ldw, int64_t N, int64_t K, F32Weights* out) {
+Status f32_pack(const float* W, int64_t ldw, int64_t N, int64_t K, F32Weights* out, ThreadPool* pool) {
   EDGEMM_CHECK(W && out && N > 0 && K > 0 && ldw >= K);
   out->N = N;
   out->K = K;
   out->Np = round_up(N, 16);
   EDGEMM_ALLOC(out->data, size_t(out->Np * K), true);
-  for (int64_t n = 0; n < N; ++n) {
-    float* p = out->data.data() + (n / 16) * K * 16 + (n % 16);
-    for (int64_t k = 0; k < K; ++k) p[k * 16] = W[n * ldw + k];
-  }
+  parallel_for(pool, out->Np / 16, 1, [&](int64_t p0, int64_t p1, int) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t k0 = 0; k0 < K; k0 += 64) {  // 16 rows x 64 inputs at a time
+        const int64_t k1 = std::min(K, k0 + 64);
+        for (int64_t c = 0; c < 16 && p * 16 + c < N; ++c) {
+          const float* src = W + (p * 16 + c) * ldw;
+          float* dst = out->data.data() + p * K * 16 + c;
+          for (int64_t k = k0; k < k1; ++k) dst[k * 16] = src[k];
+        }
+      }
+  });
   return Status::kOk;
 }
 
