@@ -38,7 +38,7 @@ from edgemm.errors import EdgemmError
 from .bundle import Artifact
 
 PRECISIONS = ("f16", "q8_0", "q4_0")
-MMPROJ_PRECISIONS = ("f32", "f16", "q8_0")
+MMPROJ_PRECISIONS = ("f32", "f16", "q8_0", "q4_0")
 QK = 32  # block size of Q8_0 and Q4_0
 # Visual-token methods the llamacpp adapter can apply to mtmd's projected tokens (no [CLS] attention,
 # no feature-level merging): see docs/export-gguf.md.
@@ -47,12 +47,13 @@ GGUF_TOKEN_METHODS = ("divprune", "random")
 TEXT_ROLE, MMPROJ_ROLE = "text_model", "mmproj"
 
 
-def write(bw, loaded, precision: str | None = None, mmproj_precision: str = "f16", **options) -> list[Artifact]:
+def write(bw, loaded, precision: str | None = None, mmproj_precision: str | None = None, **options) -> list[Artifact]:
     """Add the text-model GGUF and the mmproj GGUF of `loaded` to the bundle writer `bw`.
 
-    precision: f16 | q8_0 | q4_0 for the text model (default: f16, or for a model with packed int8/int4
-    weights the type that holds them exactly). mmproj_precision: f32 | f16 | q8_0 for the ViT and
-    projector matmul weights (default f16, as llama.cpp's own converter)."""
+    precision: f16 | q8_0 | q4_0 for the text model's matmul weights; mmproj_precision: f32 | f16 | q8_0 |
+    q4_0 for the ViT's and projector's. Defaults: f16 (llama.cpp's converter writes mmproj files in F16),
+    or, when that part of the model has packed int8/int4 layers, the smallest type that holds all of
+    them exactly."""
     if options:
         raise EdgemmError(f"gguf export: unknown option {sorted(options)[0]!r} (options: precision, mmproj_precision)")
     import gguf  # noqa: F401  (a clear error early if the package is missing)
@@ -61,7 +62,9 @@ def write(bw, loaded, precision: str | None = None, mmproj_precision: str = "f16
     cfg = loaded.config
     check_representable(cfg)
     if precision is None:
-        precision = _auto_precision(model)
+        precision = _auto_precision(model.text)
+    if mmproj_precision is None:
+        mmproj_precision = _auto_precision(model.vision, model.projector)
     precision = str(precision).lower()
     if precision not in PRECISIONS:
         raise EdgemmError(f"gguf precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
@@ -316,13 +319,15 @@ class _Writer:
         self.w.close()
 
 
-def _auto_precision(model) -> str:
-    """f16 for a float model; for packed text layers, the smallest type that holds all of them exactly."""
+def _auto_precision(*parts) -> str:
+    """f16 for float layers; with packed layers, the smallest type that holds all of them exactly (the
+    ViT's patch embedding is a convolution kernel in llama.cpp, F16 whatever the type, so it is left out)."""
     kinds = []
-    for name, mod in model.text.named_modules():
-        if hasattr(mod, "qweight"):
-            _, p = layer_weight(mod)
-            kinds.append(set(exact_block_types(p)))
+    for part in parts:
+        for name, mod in part.named_modules():
+            if hasattr(mod, "qweight") and name != "patch_embed":
+                _, p = layer_weight(mod)
+                kinds.append(set(exact_block_types(p)))
     if not kinds:
         return "f16"
     for t in ("q4_0", "q8_0"):

@@ -344,10 +344,19 @@ def test_packed_int_layers_map_bit_exactly(bits, expect, demo_tokenizer, tmp_pat
     from edgemm.export.gguf import permute_rope
 
     lm = loaded(random_model(cfg32(demo_tokenizer), seed=5), demo_tokenizer)
-    rtn_quantize(lm.model, RTNConfig(bits=bits, group_size=32, symmetric=True, include=["text.*"]))
-    man = export(lm, "gguf", tmp_path / "b")  # precision chosen automatically: the type that holds the codes
-    assert man["artifacts"][0]["precision"] == expect
+    rtn_quantize(lm.model, RTNConfig(bits=bits, group_size=32, symmetric=True))  # every Linear but lm_head
+    man = export(lm, "gguf", tmp_path / "b")  # precisions chosen automatically: the types that hold the codes
+    assert [a["precision"] for a in man["artifacts"]] == [expect, expect]
     assert any(f"14 int{bits}->{expect.upper()}" in n for n in man["notes"]), man["notes"]
+    # mmproj: 2 blocks x 6 layers + 2 projector layers mapped; the patch embedding (a conv kernel) is F16
+    assert any(f"mmproj-{expect}.gguf: 14 packed edgemm layers mapped" in n for n in man["notes"]), man["notes"]
+    assert any("vision.patch_embed" in n and "dequantized" in n for n in man["notes"]), man["notes"]
+    mm = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "b" / f"mmproj-{expect}.gguf")).tensors}
+    for name, mod in (("v.blk.1.attn_v.weight", lm.model.vision.layers[1].self_attn.v_proj), ("mm.2.weight", lm.model.projector.linear_2)):
+        t = mm[name]
+        assert t.tensor_type.name == expect.upper()
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(mod.out_features, mod.in_features)
+        assert np.array_equal(w, mod.dequantized_weight().numpy()), name
     r = gguf.GGUFReader(str(tmp_path / "b" / f"edgevlm-{expect}.gguf"))
     tensors = {t.name: t for t in r.tensors}
     c = lm.config.text
@@ -364,6 +373,8 @@ def test_packed_int_layers_map_bit_exactly(bits, expect, demo_tokenizer, tmp_pat
     s = open_llama(tmp_path / "b")
     try:
         ims, qs = questions
+        ref = torch_embeds(lm, ims[0])
+        assert np.abs(s.encode_image(ims[0]) - ref).max() < 0.05 * np.abs(ref).max()
         for img, q in [(None, qs[0]), (ims[0], qs[1])]:
             got, ref = s.prompt_logits(img, q), torch_logits(lm, img, q)
             assert np.corrcoef(got, ref)[0, 1] > 0.995
