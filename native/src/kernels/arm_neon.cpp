@@ -4,6 +4,7 @@
 //    no column-sum correction is needed.
 //  * int4: nibbles (0..15) are valid non-negative s8 values; the zero point is subtracted as z * asum.
 //  * int8 weight-only: stored (q + 128) is flipped back to q.
+//  * 2:4 sparse: vqtbl1q gathers the kept activations, sdot multiplies.
 // Other kernels are the portable code compiled for this target (NEON auto-vectorization).
 #include <arm_neon.h>
 
@@ -184,6 +185,99 @@ void woq_int4(const WoqGemmArgs& g, int64_t b0, int64_t b1) { woq_dense<true>(g,
 void woq_int8(const WoqGemmArgs& g, int64_t b0, int64_t b1) { woq_dense<false>(g, b0, b1); }
 
 // ------------------------------------------------------------------------------------------------
+// 2:4 sparse weight-only: per 8 inputs and 4 rows, vqtbl1q gathers each row's 4 kept activation bytes
+// (indices expanded from the 2-bit fields with a per-byte shift), then sdot. The zero point is
+// subtracted with a second sdot on the gathered activations (exact in int32).
+// ------------------------------------------------------------------------------------------------
+template <bool kInt4>
+void woq_sparse(const WoqGemmArgs& g, int64_t b0, int64_t b1) {
+  const WoqWeights& w = *g.w;
+  const WoqAct& a = *g.a;
+  const int64_t G = w.G, QB = a.QB, ngroups = w.K / G, nb = w.K / QB, bpg = G / QB;
+  const int64_t wbytes = layout::woq_weight_bytes(w.format, true, G);
+  const int64_t slab = kInt4 ? 192 : 320;
+  const uint8x16_t nib = vdupq_n_u8(0x0f), flip = vdupq_n_u8(0x80), three = vdupq_n_u8(3);
+  const int8_t shv[16] = {0, -2, -4, -6, 0, -2, -4, -6, 0, -2, -4, -6, 0, -2, -4, -6};
+  const int8x16_t shifts = vld1q_s8(shv);
+  const uint8_t hiv[16] = {0, 0, 4, 4, 0, 0, 4, 4, 0, 0, 4, 4, 0, 0, 4, 4};
+  const uint8x16_t hi4 = vld1q_u8(hiv);
+  // pat[st][4l + j] = byte of the index block (rows 4i..4i+3 loaded as 16 bytes) holding row l's
+  // indices for step st.
+  uint8x16_t pat[4];
+  for (int st = 0; st < 4; ++st) {
+    uint8_t p[16];
+    for (int l = 0; l < 4; ++l)
+      for (int j = 0; j < 4; ++j) p[4 * l + j] = uint8_t((l / 2) * 8 + 2 * st + (l % 2));
+    pat[st] = vld1q_u8(p);
+  }
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const uint8_t* base = w.data.data() + blk * w.block_bytes;
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int8_t* q = a.q.data() + m * w.K;
+      const float* d = a.d.data() + m * nb;
+      float32x4_t f[4] = {vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0)};
+      for (int64_t gi = 0; gi < ngroups; ++gi) {
+        const uint8_t* gp = base + gi * w.group_bytes;
+        int8x16_t zv[4];
+        for (int i = 0; i < 4; ++i) {
+          if (w.has_zeros) {
+            uint8_t zz[16];
+            for (int l = 0; l < 4; ++l)
+              for (int j = 0; j < 4; ++j) zz[4 * l + j] = gp[wbytes + 32 + 4 * i + l];
+            uint8x16_t z = vld1q_u8(zz);
+            if (!kInt4) z = veorq_u8(z, flip);  // stored z + 128 -> z
+            zv[i] = vreinterpretq_s8_u8(z);
+          } else {
+            zv[i] = vdupq_n_s8(kInt4 ? 8 : 0);
+          }
+        }
+        float32x4_t t[4] = {vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0)};
+        for (int64_t bb = 0; bb < bpg; ++bb) {
+          int32x4_t acc[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
+          int32x4_t zacc[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
+          for (int64_t sl = 0; sl < QB / 32; ++sl) {
+            const uint8_t* sp = gp + (bb * (QB / 32) + sl) * slab;
+            const uint8_t* ip = sp + (kInt4 ? 128 : 256);
+            const int64_t k0 = gi * G + (bb * (QB / 32) + sl) * 32;
+            for (int st = 0; st < 4; ++st) {
+              const int8x8_t win = vld1_s8(q + k0 + 8 * st);
+              const int8x16_t table = vcombine_s8(win, win);
+              for (int i = 0; i < 4; ++i) {
+                uint8x16_t ix = vqtbl1q_u8(vld1q_u8(ip + 16 * i), pat[st]);
+                ix = vorrq_u8(vandq_u8(vshlq_u8(ix, shifts), three), hi4);
+                const int8x16_t gth = vqtbl1q_s8(table, ix);
+                int8x16_t wv;
+                if (kInt4) {
+                  const uint8x16_t v = vld1q_u8(sp + (st / 2) * 64 + 16 * i);
+                  wv = vreinterpretq_s8_u8((st % 2 == 0) ? vandq_u8(v, nib) : vshrq_n_u8(v, 4));
+                } else {
+                  wv = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(sp + st * 64 + 16 * i), flip));
+                }
+                acc[i] = vdotq_s32(acc[i], wv, gth);
+                zacc[i] = vdotq_s32(zacc[i], zv[i], gth);
+              }
+            }
+          }
+          const float db = d[gi * bpg + bb];
+          for (int i = 0; i < 4; ++i) t[i] = vfmaq_n_f32(t[i], vcvtq_f32_s32(vsubq_s32(acc[i], zacc[i])), db);
+        }
+        for (int i = 0; i < 4; ++i) f[i] = vfmaq_f32(f[i], load_f16x4(gp + wbytes + 8 * i), t[i]);
+      }
+      const int64_t n0 = blk * 16;
+      for (int i = 0; i < 4; ++i) {
+        const int64_t n = n0 + 4 * i, rem = w.N - n;
+        if (rem <= 0) break;
+        float32x4_t v = f[i];
+        if (g.bias) v = vaddq_f32(v, load_tail(g.bias + n, rem));
+        store_tail(g.y + m * g.ldy + n, v, rem);
+      }
+    }
+  }
+}
+void woq_int4_sp(const WoqGemmArgs& g, int64_t b0, int64_t b1) { woq_sparse<true>(g, b0, b1); }
+void woq_int8_sp(const WoqGemmArgs& g, int64_t b0, int64_t b1) { woq_sparse<false>(g, b0, b1); }
+
+// ------------------------------------------------------------------------------------------------
 // fp32 GEMM: 4 rows x 16 columns, 4 k per step (vfmaq_laneq_f32).
 // ------------------------------------------------------------------------------------------------
 template <int MR>
@@ -257,6 +351,8 @@ const KernelTable* table_neon() {
     k.w8a8_gemm = w8a8_gemm;
     k.woq_int4 = woq_int4;
     k.woq_int8 = woq_int8;
+    k.woq_int4_sp = woq_int4_sp;
+    k.woq_int8_sp = woq_int8_sp;
     k.f32_gemm = f32_gemm;
     return k;
   }();
