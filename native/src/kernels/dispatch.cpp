@@ -152,8 +152,14 @@ Status w8a8_gemm_impl(const W8A8Act& a, const W8A8Weights& w, const float* bias,
   // the columns. EDGEMM_W8A8_SPLIT=n forces the column split (also used when there are few row tiles).
   static const char* split_env = std::getenv("EDGEMM_W8A8_SPLIT");
   const bool split_m = !(split_env && split_env[0] == 'n');
-  if (split_m && tiles >= 2 * pool_threads(pool)) {
-    parallel_for(pool, tiles, 1, [&](int64_t t0, int64_t t1, int) { t.w8a8_gemm(g, 0, panels, t0, t1); });
+  const int64_t nt = pool_threads(pool);
+  if (split_m && tiles >= 2 * nt) {
+    // Dynamic chunks of row tiles (2 per thread): on an idle machine the threads still walk the
+    // panels together; on a busy one a descheduled thread does not hold the GEMM up.
+    const int64_t n_chunks = nt > 1 ? 2 * nt : 1, per = (tiles + n_chunks - 1) / n_chunks;
+    parallel_for_dynamic(pool, (tiles + per - 1) / per, [&](int64_t c, int) {
+      t.w8a8_gemm(g, 0, panels, c * per, std::min(tiles, (c + 1) * per));
+    });
   } else {
     parallel_for(pool, panels, 3, [&](int64_t p0, int64_t p1, int) { t.w8a8_gemm(g, p0, p1, 0, tiles); });
   }
