@@ -325,11 +325,12 @@ def demo(n: int = typer.Option(300, help="questions in the accuracy check (and p
          story: bool = typer.Option(True, "--story/--no-story", help="then run a compression recipe stage by stage"),
          recipe: str = typer.Option("phone-npu", help="the recipe of the compression story"),
          cache_dir: Optional[Path] = typer.Option(None, help="stage cache of the story (default $EDGEMM_CACHE or ~/.cache/edgemm)"),
+         train: bool = typer.Option(False, "--train", help="run a distill stage that is not cached (an hour or more) instead of using demo-small in its place"),
          as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """A tour on the built-in demo model: answer questions about shapes images, measure, then compress it."""
     from .demo import run_demo
 
-    rep = run_demo(n=n, seed=seed, console=None if as_json else out, story=story, recipe=recipe, cache_dir=cache_dir)
+    rep = run_demo(n=n, seed=seed, console=None if as_json else out, story=story, recipe=recipe, cache_dir=cache_dir, train=train)
     if as_json:
         _print_json(rep)
 

@@ -10,9 +10,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .errors import EdgemmError
+
 
 def run_demo(n: int = 300, seed: int = 2024, console: Console | None = None, story: bool = True,
-             recipe: str = "phone-npu", cache_dir: str | Path | None = None) -> dict:
+             recipe: str = "phone-npu", cache_dir: str | Path | None = None, train: bool = False) -> dict:
     import torch
 
     from . import runtimes
@@ -56,7 +58,7 @@ def run_demo(n: int = 300, seed: int = 2024, console: Console | None = None, sto
         say(f"{rep['questions_per_s']} questions/s batched on {torch.get_num_threads()} threads ({platform.machine()})")
     result = {"model": "demo", "examples": rows, "eval": rep, "load_s": round(load_s, 3)}
     if story:
-        result["story"] = run_story("demo", recipe, cache_dir, n=n, console=console)
+        result["story"] = run_story("demo", recipe, cache_dir, n=n, console=console, train=train)
     return result
 
 
@@ -106,20 +108,36 @@ def shipped_distilled(model: str, rec) -> dict:
 
 
 def run_story(model: str = "demo", recipe: str = "phone-npu", cache_dir: str | Path | None = None, n: int = 300,
-              console: Console | None = None) -> dict:
+              console: Console | None = None, train: bool = False) -> dict:
     """Run a shipped recipe on the demo model (cached stage by stage), evaluating after every stage on the
-    first n held-out questions, and tell what each stage bought."""
+    first n held-out questions, and tell what each stage bought.
+
+    A distill stage that is neither cached nor shipped would train for an hour or more on a laptop:
+    unless `train`, the story puts the SFT baseline `demo-small` in its place (in a separate cache,
+    marked as such in the table)."""
     import torch
 
     from .data import HELDOUT
+    from .models import BUILTIN, builtin_path
     from .recipes import load_recipe
-    from .recipes.runner import run_recipe
+    from .recipes.runner import run_recipe, stages_to_run
 
     torch.set_num_threads(2)
     say = console.print if console else (lambda *a, **k: None)
     rec = load_recipe(recipe)
     out = Path(cache_dir) if cache_dir else story_cache_dir(rec.name)
     prebuilt = shipped_distilled(model, rec)
+    training = [s.name for s in rec.stages if s.type == "distill" and s.name in stages_to_run(model, rec, out, prebuilt)]
+    if training and not train:
+        sub = builtin_path("demo-small")
+        if "demo-small" not in BUILTIN or not (sub / "config.json").is_file():
+            raise EdgemmError("the story's distill stage is not cached and neither a shipped distilled student nor "
+                              "demo-small is installed; run `edgemm demo --train`")
+        say(f"[yellow]the {training[0]} stage is not cached and no shipped distilled student matches {model}: distilling "
+            f"takes an hour or more here, so this story uses the SFT baseline demo-small in its place (run "
+            f"`edgemm demo --train` to distil for real)[/yellow]")
+        prebuilt = {**prebuilt, training[0]: sub}
+        out = out / "with-demo-small"
     say(f"\n[bold]the compression story[/bold]: recipe [bold]{rec.name}[/bold] on {model} "
         f"({' -> '.join(s.type for s in rec.stages)}); stage outputs cached in {out}")
     if rec.description:
@@ -152,6 +170,8 @@ def run_story(model: str = "demo", recipe: str = "phone-npu", cache_dir: str | P
             elif r["type"] == "distill":
                 what += f" ({r['params'] / 1e6:.1f}M params)"
             src = "cached" if r.get("cached") else ("shipped checkpoint" if "prebuilt" in info else "computed now")
+            if info.get("prebuilt") == str(builtin_path("demo-small")):
+                src = "demo-small in its place (not distilled)" + (", cached" if r.get("cached") else "")
             pct = r.get("pct_of_input")
             t.add_row(r["stage"], what, f"{100 * r['accuracy']:.1f}%", "-" if pct is None else f"{pct:.1f}%",
                       f"{r['weight_bytes'] / 1e6:.2f}", f"{r['prefill_flops'] / 1e6:.1f}", str(r["visual_tokens"]), src)

@@ -275,3 +275,30 @@ def test_cli_compress_and_recipes(capsys, tmp_path, tiny_ckpt):
     assert main(["compress", str(tiny_ckpt), "--recipe", "nope", "-o", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
     assert "unknown recipe" in err and len(err.strip().splitlines()) == 1
+
+
+def test_demo_story_never_starts_an_hour_long_distillation_unasked(tmp_path, tiny_ckpt, fake_stage, monkeypatch, demo_tokenizer):
+    import io
+
+    from rich.console import Console
+
+    import edgemm.models as models
+    from edgemm.demo import run_story
+    from edgemm.models.checkpoint import save_checkpoint
+
+    sub = tmp_path / "assets" / "demo-small"
+    save_checkpoint(random_model(seed=7), demo_tokenizer, sub)
+    monkeypatch.setattr(models, "builtin_path", lambda name: tmp_path / "assets" / name)
+
+    def no_training(*a, **k):
+        raise AssertionError("the story must not distil unasked")
+
+    import edgemm.recipes.runner as runner
+
+    monkeypatch.setitem(runner.STAGE_RUNNERS, "distill", no_training)
+    recipe = {"name": "s", "eval": EVAL, "stages": [{"distill": {"student": "demo-small"}}, {"tokens": "pool:0.25"}]}
+    buf = io.StringIO()
+    rep = run_story(str(tiny_ckpt), recipe, tmp_path / "cache", n=6, console=Console(file=buf, width=220))
+    text = buf.getvalue()
+    assert "uses the SFT baseline demo-small in its place" in text and "demo-small in its place (not distilled)" in text
+    assert rep["rows"][1]["info"]["prebuilt"] == str(sub) and rep["cache_dir"].endswith("with-demo-small")

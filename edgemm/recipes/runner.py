@@ -8,9 +8,11 @@ Layout of OUT:
     model/                            the final compressed checkpoint
     report.json, report.md, report.png
 
-A stage's cache key chains the input model's fingerprint (sha256 of its config and weights) and every
-stage spec up to it, so a rerun after an interruption (or with a recipe changed at stage i) reuses the
-stages before the change and recomputes from there; a distill stage also resumes mid-way.
+A stage's cache key is the sha256 of its spec and of the identity of its input (the content hash of
+the input model, or of the previous stage's output), so a rerun after an interruption (or with a
+recipe changed at stage i) reuses the stages before the change and recomputes from there, and a
+stage recomputed with a different output invalidates everything after it; a distill stage also
+resumes mid-way.
 """
 
 from __future__ import annotations
@@ -146,6 +148,28 @@ def _eval_key(ctx: RunContext) -> str:
     return json.dumps({"data": ctx.eval_data, "limit": ctx.eval_limit, "prompt": ctx.prompt})
 
 
+def stages_to_run(model: str, recipe, out: str | Path, prebuilt: dict | None = None) -> list[str]:
+    """Names of the stages a `run_recipe` with these arguments would compute (neither cached in OUT
+    nor prebuilt): the first one not cached and every one after it."""
+    from ..models import load_model
+
+    rec: Recipe = load_recipe(recipe)
+    prev = fingerprint_model(load_model(model))
+    todo: list[str] = []
+    for i, st in enumerate(rec.stages, 1):
+        d = Path(out) / "stages" / f"{i:02d}-{st.name}"
+        meta = _read(d / "stage.json") if prev else None
+        cached = (meta is not None and meta.get("key") == _chain(prev, st) and bool(meta.get("output"))
+                  and (d / "model" / "config.json").is_file())
+        if cached:
+            prev = meta["output"]
+            continue
+        prev = ""  # the stages after a recomputed one depend on its new output
+        if st.name not in (prebuilt or {}):
+            todo.append(st.name)
+    return todo
+
+
 def run_recipe(model: str, recipe, out: str | Path, eval_data: str | None = None, eval_limit: int | None = None,
                batch_size: int | None = None, quiet: bool = False, say: Callable[[str], None] | None = None,
                prebuilt: dict[str, str | Path] | None = None) -> dict:
@@ -202,11 +226,13 @@ def run_recipe(model: str, recipe, out: str | Path, eval_data: str | None = None
     report()
     loaded_is_current = True  # `current` holds the output of the last stage (False: only on disk)
     last_dir = None
+    prev_output = key  # identity of the previous stage's output (content hash)
     for i, st in enumerate(rec.stages, 1):
-        key = _chain(key, st)
+        key = _chain(prev_output, st)
         d = stages_dir / f"{i:02d}-{st.name}"
         meta = _read(d / "stage.json")
-        done = meta is not None and meta.get("key") == key and (d / "model" / "config.json").is_file()
+        done = (meta is not None and meta.get("key") == key and bool(meta.get("output"))
+                and (d / "model" / "config.json").is_file())
         if done:
             say(f"stage {i} {st.name}: cached ({d})")
             loaded_is_current = False
@@ -232,7 +258,8 @@ def run_recipe(model: str, recipe, out: str | Path, eval_data: str | None = None
                 current, info = runner(current, dict(st.options), ctx)
             wall = round(time.time() - t0, 1)
             save_checkpoint(current.model, current.processor, d / "model", metadata={"recipe": rec.name, "stage": st.name})
-            meta = {"key": key, "stage": st.to_dict(), "info": info, "wall_s": wall, "row": None}
+            meta = {"key": key, "output": fingerprint_model(current), "stage": st.to_dict(), "info": info, "wall_s": wall,
+                    "row": None}
             write_json(d / "stage.json", meta)  # the stage is complete from here on
             shutil.rmtree(ctx.work_dir, ignore_errors=True)
             cached = False
@@ -250,6 +277,7 @@ def run_recipe(model: str, recipe, out: str | Path, eval_data: str | None = None
         row = dict(row) | {"cached": cached, "pct_of_input": 100.0 * row["accuracy"] / base_acc if base_acc else None}
         rows.append(row)
         last_dir = d
+        prev_output = meta["output"]
         report()
     final = out / "model"
     with atomic_dir(final) as tmp:
@@ -258,4 +286,4 @@ def run_recipe(model: str, recipe, out: str | Path, eval_data: str | None = None
     return report()
 
 
-__all__ = ["run_recipe", "measure", "STAGE_RUNNERS", "RunContext", "fingerprint_model"]
+__all__ = ["run_recipe", "stages_to_run", "measure", "STAGE_RUNNERS", "RunContext", "fingerprint_model"]
