@@ -285,7 +285,8 @@ def train_demo_cmd(out_dir: Optional[Path] = typer.Option(None, "--out", help="w
                    work_dir: Path = typer.Option(Path("runs/train-demo"), help="resumable training state"),
                    seed: int = typer.Option(0, help="random seed"),
                    vision_steps: Optional[int] = typer.Option(None, help="override the vision pre-training steps"),
-                   vlm_steps: Optional[int] = typer.Option(None, help="override the VLM training steps"),
+                   vlm_steps: Optional[int] = typer.Option(None, help="override demo's VLM training steps (default 6000)"),
+                   small_vlm_steps: Optional[int] = typer.Option(None, help="override demo-small's VLM training steps (default 3000)"),
                    threads: Optional[int] = typer.Option(None, help="CPU threads (default 2)"),
                    as_json: bool = typer.Option(False, "--json", help="print the training report as JSON")):
     """Train the demo models (seeded, CPU) and write them as edgemm checkpoints."""
@@ -301,7 +302,9 @@ def train_demo_cmd(out_dir: Optional[Path] = typer.Option(None, "--out", help="w
         recipe.vision_steps = vision_steps
     if vlm_steps is not None:
         recipe.vlm_steps = vlm_steps
-    if recipe.vision_steps < 1 or recipe.vlm_steps < 1:
+    if small_vlm_steps is not None:
+        recipe.small_vlm_steps = small_vlm_steps
+    if min(recipe.vision_steps, recipe.vlm_steps, recipe.small_vlm_steps) < 1:
         raise EdgemmError("step counts must be >= 1")
     import torch
 

@@ -215,6 +215,6 @@ def test_budget_defaults_to_the_sft_baselines(tmp_path):
     c = DistillConfig(baseline=str(base), steps=10).resolved()
     assert (c.steps, c.batch_size) == (10, 16)
     d = DistillConfig(baseline=None).resolved()
-    assert (d.steps, d.batch_size, d.seed) == (DemoRecipe().vlm_steps, DemoRecipe().batch_size, DemoRecipe().seed)
+    assert (d.steps, d.batch_size, d.seed) == (DemoRecipe().small_vlm_steps, DemoRecipe().batch_size, DemoRecipe().seed)
     with pytest.raises(EdgemmError, match="not resolved"):
         DistillConfig().stage_steps()

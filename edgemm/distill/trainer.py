@@ -44,6 +44,7 @@ def baseline_recipe(baseline: str | None = "demo-small") -> dict:
     from ..train.demo import DemoRecipe
 
     rec = asdict(DemoRecipe())
+    rec["vlm_steps"] = rec["small_vlm_steps"]  # demo-small's budget
     if baseline:
         from ..models import BUILTIN, builtin_path
 

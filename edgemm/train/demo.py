@@ -6,7 +6,8 @@ The recipe mirrors how real VLMs are built, at toy scale:
 2. the VLM (that ViT + a fresh MLP projector + a fresh Llama-style decoder) is trained on multi-turn
    visual question answering, loss on the answers only, with the ViT fine-tuned at a lower rate.
 `demo` (the teacher) and `demo-small` (a smaller decoder: the distillation student's baseline) start
-from the same pre-trained ViT and train on the same data with the same step budget.
+from the same pre-trained ViT and train on the same data stream; demo-small trains the first half of
+demo's steps (its budget is also the distilled student's, see docs/distillation.md).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class DemoRecipe:
     seed: int = 0
     vision_steps: int = 3000
     vision_lr: float = 1e-3
-    vlm_steps: int = 3000
+    vlm_steps: int = 6000  # demo
+    small_vlm_steps: int = 3000  # demo-small (the distillation baseline; its budget is the student's)
     vlm_lr: float = 1e-3
     vit_lr_scale: float = 0.1  # the pre-trained ViT fine-tunes at a tenth of the rate
     batch_size: int = 32
@@ -111,7 +113,8 @@ def answer_loss(model: EdgeVLM, batch, k: int | None = None):
 
 
 def train_vlm(cfg: VLMConfig, processor: Processor, vit: VisionTransformer, recipe: DemoRecipe, ckpt_dir: Path | None,
-              desc: str, quiet: bool = False):
+              desc: str, quiet: bool = False, steps: int | None = None):
+    steps = recipe.vlm_steps if steps is None else steps
     torch.manual_seed(recipe.seed + 1)
     model = EdgeVLM(cfg)
     init_weights(model)
@@ -126,7 +129,7 @@ def train_vlm(cfg: VLMConfig, processor: Processor, vit: VisionTransformer, reci
         sel = tgt != IGNORE
         return loss, {"tok_acc": (pred[sel] == tgt[sel]).float().mean()}
 
-    tcfg = TrainConfig(steps=recipe.vlm_steps, lr=recipe.vlm_lr, warmup=150, weight_decay=0.05,
+    tcfg = TrainConfig(steps=steps, lr=recipe.vlm_lr, warmup=150, weight_decay=0.05,
                        batch_size=recipe.batch_size, seed=recipe.seed + 1, bf16=recipe.bf16)
     # Unused ViT blocks (after the feature layer) get no gradient; freeze them explicitly.
     for i, layer in enumerate(model.vision.layers):
@@ -161,7 +164,9 @@ def train_demo(out_root: Path, names=("demo", "demo-small"), recipe: DemoRecipe 
                                                             "final": res_v.history[-1] if res_v.history else {}}}
     for name in names:
         cfg = build_config(name, vocab)
-        model, res = train_vlm(cfg, proc, copy.deepcopy(vit), recipe, work_dir / name, desc=f"training {name}", quiet=quiet)
+        steps = recipe.vlm_steps if name == "demo" else recipe.small_vlm_steps
+        model, res = train_vlm(cfg, proc, copy.deepcopy(vit), recipe, work_dir / name, desc=f"training {name}", quiet=quiet,
+                               steps=steps)
         n_params = sum(p.numel() for p in model.parameters())
         info = {"steps": res.steps, "wall_s": round(res.wall_s, 1), "params": n_params,
                 "final": res.history[-1] if res.history else {}}
@@ -169,7 +174,8 @@ def train_demo(out_root: Path, names=("demo", "demo-small"), recipe: DemoRecipe 
         # shipped in float16 (half the bytes); weights load back into float32 parameters
         save_checkpoint(model, tok, out_root / name, metadata={"trained_by": "edgemm train-demo", "seed": recipe.seed},
                         float_dtype=torch.float16)
-        write_json(out_root / name / "train_log.json", {"model": name, "recipe": asdict(recipe),
+        # the model's own recipe: vlm_steps = the steps this model trained (what distillation reads as its budget)
+        write_json(out_root / name / "train_log.json", {"model": name, "recipe": {**asdict(recipe), "vlm_steps": steps},
                                                          "vision_pretrain": report["vision_pretrain"], "vlm": info,
                                                          "history": res.history,
                                                          "torch_threads": torch.get_num_threads()})
