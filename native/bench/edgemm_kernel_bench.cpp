@@ -630,6 +630,13 @@ int main(int argc, char** argv) {
       }
       return argv[++i];
     };
+    if (a == "--help" || a == "-h") {
+      std::printf("usage: %s [--json] [--quick] [--threads 1,2] [--reps N] [--min-ms X] [--filter S] [--isa NAME]\n"
+                  "  --filter S   run only kernels whose name contains S (e.g. w8a8_gemm.qkv, gemv_hot.int4_g32)\n"
+                  "  --quick      fewer shapes/copies (smoke run)\n",
+                  argv[0]);
+      return 0;
+    }
     if (a == "--json") opt.json = true;
     else if (a == "--quick") opt.quick = true;
     else if (a == "--reps") opt.reps = std::atoi(next().c_str());

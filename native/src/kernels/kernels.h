@@ -10,6 +10,9 @@
 //   * Kernels take a ThreadPool* (nullptr = run on the calling thread only).
 //   * The ISA is chosen at run time from CPU features (see cpu_features.h); set_isa() can force a lower
 //     one (tests run every available ISA against the scalar reference).
+//   * Thread safety: packed weights are read-only after packing and may be shared by concurrent calls;
+//     an activation object (W8A8Act, WoqAct) or output buffer must not be used by two calls at once.
+//     One ThreadPool runs one job at a time (concurrent callers are serialized).
 #pragma once
 
 #include <cstddef>
