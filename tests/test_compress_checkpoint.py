@@ -238,3 +238,15 @@ def test_calibration_loop_batches_and_answer_masks(demo_tokenizer):
             labels[j, len(p):len(p) + len(a)] = torch.tensor(a)
         want = merged_labels(labels, ids, proc.config.image_token_id, k)[:, 1:] != IGNORE
         assert torch.equal(lm[:, :-1], want) and not lm[:, -1].any()
+
+
+def test_tied_lm_head_is_refused_and_skipped_by_default():
+    from edgemm.models.config import TextConfig
+
+    cfg = tiny_config()
+    cfg.text = TextConfig(**{**cfg.text.__dict__, "tie_word_embeddings": True})
+    model = random_model(cfg.validate())
+    with pytest.raises(EdgemmError, match="shares its weight"):
+        apply(model, config_from_dict({"method": "rtn", "bits": 8, "group_size": 0, "include": ["text.*"], "exclude": []}))
+    rep = apply(model, config_from_dict({"method": "rtn", "bits": 8, "group_size": 0}))
+    assert "text.lm_head" not in rep["layers"] and model.text.lm_head.weight is model.text.embed_tokens.weight

@@ -164,3 +164,18 @@ def test_bad_sparsity_inputs():
         config_from_dict({"method": "sparsegpt", "pattern": "0:4"})
     with pytest.raises(EdgemmError, match="forward_loop"):
         prune(nn.Sequential(layer()), "wanda", "2:4")
+
+
+def test_obs_update_under_a_fixed_mask_keeps_it_and_lowers_the_error():
+    """The reconstruction MaskLLM can run after learning its masks (reconstruct=True)."""
+    from edgemm.compress.magnitude import magnitude_mask
+
+    x = correlated_inputs(t=1024)
+    lin = layer()
+    W = lin.weight.detach()
+    keep = magnitude_mask(W, 2, 4)
+    H = 2 * x.T @ x / x.shape[0]
+    w, k2 = sparsegpt_weight(W, H, 2, 4, keep=keep)
+    assert torch.equal(k2, keep) and torch.equal(w != 0, keep)
+    err = lambda ww: float(((x @ (ww - W).T) ** 2).mean())  # noqa: E731
+    assert err(w) < 0.9 * err(W * keep)  # (weakly correlated inputs: little room to compensate)

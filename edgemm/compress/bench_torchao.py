@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m edgemm.compress.bench_torchao", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="demo")
     ap.add_argument("--data", default=HELDOUT)
-    ap.add_argument("--only", default="", help="comma-separated entry keys (default: all)")
+    ap.add_argument("--only", default="", help="comma-separated entry keys, run in that order (default: all)")
     ap.add_argument("--results", default="runs/compress/bench.json")
     ap.add_argument("--save-dir", default="runs/compress/ckpt", help="where the edgemm checkpoints go ('' = do not save)")
     ap.add_argument("--markdown", default="", help="also write the table here")
@@ -223,7 +223,8 @@ def main(argv=None) -> int:
     unknown = [k for k in only if k not in {e[0] for e in ENTRIES}]
     if unknown:
         raise SystemExit(f"unknown entries: {unknown}; see --list")
-    todo = [e for e in ENTRIES if (not only or e[0] in only or e[0] == "fp32")]
+    by_key = {e[0]: e for e in ENTRIES}
+    todo = [by_key["fp32"]] + ([by_key[k] for k in only if k != "fp32"] if only else [e for e in ENTRIES if e[0] != "fp32"])
     for key, label, kind, spec in todo:
         if key in results and not args.force:
             continue

@@ -202,6 +202,9 @@ class MaskLLMConfig(_Sparse):
     # loops of edgemm.compress.calibration mark the positions that predict answer tokens); "all": every
     # output position. Without loss_masks on the loop, "answers" falls back to "all".
     positions: str = "all"
+    # After the masks are learned, update the kept weights with SparseGPT's OBS reconstruction under the
+    # fixed masks (block by block on calibration data). Not in the MaskLLM paper (weights stay frozen there).
+    reconstruct: bool = False
     seed: int = 0
 
     def validate(self):

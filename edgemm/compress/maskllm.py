@@ -97,6 +97,26 @@ def _prior_masks(model: nn.Module, config: MaskLLMConfig, names: list[str], forw
     return masks
 
 
+@torch.no_grad()
+def _reconstruct(model: nn.Module, names: list[str], forward_loop, n: int, m: int, quiet: bool) -> None:
+    """SparseGPT's OBS weight update with the learned masks held fixed, block by block."""
+    from .common import LayerStats, get_module, run_calibrated
+    from .sparsegpt import sparsegpt_weight
+
+    def process(block, stats):
+        for name in block:
+            layer = get_module(model, name)
+            st = stats.get(name)
+            if st is None or st.n == 0:
+                continue
+            keep = layer.weight.detach() != 0
+            w, _ = sparsegpt_weight(layer.weight, st.H(), n, m, keep=keep, name=name)
+            layer.weight.copy_(w.to(layer.weight.dtype))
+
+    run_calibrated(model, names, forward_loop, lambda nm_, mod: LayerStats(mod.in_features, hessian=True),
+                   process, True, "maskllm reconstruct", quiet)
+
+
 def maskllm_prune(model: nn.Module, config: MaskLLMConfig, forward_loop=None, quiet: bool = True) -> dict:
     """Learn N:M masks for the selected nn.Linear layers (weights frozen) and apply them in place."""
     config.validate()
@@ -229,6 +249,8 @@ def maskllm_prune(model: nn.Module, config: MaskLLMConfig, forward_loop=None, qu
                 apply_mask(w.linear, magnitude_mask(w.linear.weight, n, m), n, m, "magnitude")
             else:
                 apply_mask(w.linear, w.hard_mask(), n, m, "maskllm")
+    if config.reconstruct:
+        _reconstruct(model, list(layers), forward_loop, n, m, quiet)
     sync_extras(model)
     changed = {}
     for name in layers:

@@ -22,13 +22,16 @@ __all__ = ["SparseGPTConfig", "sparsegpt_prune", "sparsegpt_weight"]
 
 
 def sparsegpt_weight(W: torch.Tensor, H: torch.Tensor, n: int, m: int, damp: float = 0.01, block_size: int = 128,
-                     name: str = "layer"):
-    """-> (updated weight [N_out, K] with exact N:M zeros, keep mask)."""
+                     name: str = "layer", keep: torch.Tensor | None = None):
+    """-> (updated weight [N_out, K] with exact N:M zeros, keep mask).
+
+    With `keep` (bool [N_out, K], an N:M mask chosen elsewhere, e.g. learned by MaskLLM) the mask is
+    fixed and only the OBS weight update runs."""
     with single_thread():
-        return _sparsegpt_weight(W, H, n, m, damp, block_size, name)
+        return _sparsegpt_weight(W, H, n, m, damp, block_size, name, keep)
 
 
-def _sparsegpt_weight(W, H, n, m, damp, block_size, name):
+def _sparsegpt_weight(W, H, n, m, damp, block_size, name, fixed=None):
     W = W.detach().float()
     rows, k = W.shape
     W, H = prepare_hessian(W, H.float())
@@ -45,9 +48,12 @@ def _sparsegpt_weight(W, H, n, m, damp, block_size, name):
         K1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
             if i % m == 0:
-                sal = W1[:, i:i + m] ** 2 / d[i:i + m][None, :] ** 2  # d = diag of the Cholesky factor
-                idx = sal.topk(n, dim=1).indices
-                K1[:, i:i + m].scatter_(1, idx, True)
+                if fixed is not None:
+                    K1[:, i:i + m] = fixed[:, i1 + i:i1 + i + m]
+                else:
+                    sal = W1[:, i:i + m] ** 2 / d[i:i + m][None, :] ** 2  # d = diag of the Cholesky factor
+                    idx = sal.topk(n, dim=1).indices
+                    K1[:, i:i + m].scatter_(1, idx, True)
             w = W1[:, i]
             q = torch.where(K1[:, i], w, torch.zeros_like(w))
             Q1[:, i] = q
