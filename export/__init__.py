@@ -18,6 +18,7 @@ FORMATS = {
     "onnx": "edgemm.export.onnx",
     "executorch": "edgemm.export.executorch",
     "coreml": "edgemm.export.coreml",
+    "native": "edgemm.export.native",
 }
 DEPLOY_TARGETS = ("laptop", "android-cpu", "android-npu", "ios")
 TARGETS = tuple(FORMATS) + DEPLOY_TARGETS

@@ -1,0 +1,511 @@
+"""Native export: one model file for edgemm's own C++ engine (native/), a GGUF container.
+
+The file is written with gguf-py's GGUFWriter (`general.architecture = "edgemm"`), so gguf tooling
+(gguf-dump, GGUFReader) can read it; native/README.md ("File format") is the contract with the engine.
+
+Keys: `edgemm.format_version` (u32, 1), `edgemm.config` (the edgemm config.json text, with
+`extras.quantization` / `extras.sparsity` / `extras.visual_tokens`), `edgemm.tokenizer` (tokenizer.json
+text), `edgemm.preprocess` (JSON {image_size, resize, mean, std}), `edgemm.prompt_template`,
+`edgemm.chunk_size` (u32), `edgemm.max_context` (u32), `edgemm.decode_quantization` (JSON like
+extras.quantization for the decode-only weight set, "{}" when there is none).
+
+Tensors: the edgemm checkpoint's names and shapes (docs/formats.md): float tensors F32 (or F16 when
+asked and exact), int8 `qweight` I8, int4 `qweight` (uint8 [N, K/2]) as I8 raw bytes, `scales` F16,
+`zeros` I8 raw bytes, `weight_scale` F32, `input_scale` F32 [1], `outlier_channels` I32 (absent when
+empty: GGUF has no zero-size tensors). gguf-py writes numpy shapes innermost-first (GGML `ne` order):
+a [N, K] tensor is stored with ne = [K, N]. A second, decode-only weight set for the LLM's linear
+layers lives under the prefix `decode.` (`decode.text.layers.0.mlp.up_proj.qweight`, `.scales`,
+`.zeros`; the bias, if any, is the main set's).
+
+Weight sets (`precision` presets; `prefill` / `decode` override them):
+- fp32:       float weights everywhere, no decode set.
+- int8:       W8A8 (+ shadow outliers) prefill set for the LLM; int8 (per channel) decode set.
+- w8a8-int4:  W8A8 prefill set; int4 group-wise (`group_size`, default 32) decode set (default).
+From a float checkpoint the W8A8 set is calibrated with edgemm.compress (`calib_n` shapes questions of
+the calibration split) and the decode set is quantized from the *float* weights (RTN, or GPTQ with
+`decode_method="gptq"`). A checkpoint that is already compressed is mapped verbatim (its packed tensors
+are the main set); a decode set is then derived only for W8A8 layers (from their int8 weights, noted).
+N:M sparsity (extras.sparsity) is kept: both sets keep the zeros exactly. The vision encoder and the
+projector stay as the checkpoint has them (float unless compressed) unless `vision="w8a8"`.
+
+`reference_model(path)` rebuilds, from a written model file, the torch model with the very same tensors
+(W8A8 for prompt chunks, the decode set for single tokens): the yardstick of the native engine's
+agreement tests (`python -m edgemm.export.native agree BUNDLE`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from edgemm.errors import EdgemmError
+
+from .bundle import Artifact
+
+ARCH = "edgemm"
+FORMAT_VERSION = 1
+FILE = "native/model.gguf"
+ROLE = "model"
+DECODE_PREFIX = "decode."
+PRESETS = {"fp32": ("fp32", None), "int8": ("w8a8", "int8"), "w8a8-int4": ("w8a8", "int4")}
+PREFILL = ("fp32", "w8a8")
+DECODE = ("int4", "int8", "none")
+DECODE_METHODS = ("rtn", "gptq")
+FLOAT_TYPES = ("f32", "f16", "auto")
+TEXT_LINEARS = "text.layers.*"
+KEYS = ("format_version", "config", "tokenizer", "preprocess", "prompt_template", "chunk_size", "max_context",
+        "decode_quantization")
+
+
+def resolve_options(precision=None, prefill=None, decode=None) -> tuple[str, str | None, str]:
+    """-> (prefill, decode or None, precision label) with one-line errors for bad values."""
+    precision = "w8a8-int4" if precision is None else str(precision).lower()
+    if precision not in PRESETS:
+        raise EdgemmError(f"native precision {precision!r} is not supported; choose one of {', '.join(PRESETS)}")
+    p, d = PRESETS[precision]
+    if prefill is not None:
+        p = str(prefill).lower()
+        if p not in PREFILL:
+            raise EdgemmError(f"native prefill {prefill!r} must be one of {', '.join(PREFILL)}")
+    if decode is not None:
+        d = str(decode).lower()
+        if d not in DECODE:
+            raise EdgemmError(f"native decode {decode!r} must be one of {', '.join(DECODE)}")
+        d = None if d == "none" else d
+    label = next((k for k, v in PRESETS.items() if v == (p, d)), f"{p}+{d or 'none'}")
+    return p, d, label
+
+
+def write(bw, loaded, precision: str | None = None, prefill: str | None = None, decode: str | None = None,
+          group_size: int = 32, decode_method: str = "rtn", chunk_size: int = 32, max_context: int | None = None,
+          calib_n: int = 128, vision: str | None = None, float_type: str = "f32", **options) -> list[Artifact]:
+    """Add the native model file (native/model.gguf) of `loaded` to the bundle writer `bw`."""
+    if options:
+        raise EdgemmError(f"native export: unknown option {sorted(options)[0]!r} (options: precision, prefill, decode, "
+                          f"group_size, decode_method, chunk_size, max_context, calib_n, vision, float_type)")
+    import gguf  # noqa: F401  (a clear error early if the package is missing)
+
+    prefill, decode, label = resolve_options(precision, prefill, decode)
+    cfg = loaded.config
+    chunk_size = _positive_int(chunk_size, "chunk_size")
+    max_context = cfg.text.max_position_embeddings if max_context is None else _positive_int(max_context, "max_context")
+    if max_context > cfg.text.max_position_embeddings:
+        raise EdgemmError(f"native max_context {max_context} exceeds the model's max_position_embeddings "
+                          f"{cfg.text.max_position_embeddings}")
+    calib_n = _positive_int(calib_n, "calib_n")
+    if decode_method not in DECODE_METHODS:
+        raise EdgemmError(f"native decode_method {decode_method!r} must be one of {', '.join(DECODE_METHODS)}")
+    if float_type not in FLOAT_TYPES:
+        raise EdgemmError(f"native float_type {float_type!r} must be one of {', '.join(FLOAT_TYPES)}")
+    vision = vision or "checkpoint"
+    if vision not in ("checkpoint", "float", "w8a8"):
+        raise EdgemmError(f"native vision {vision!r} must be checkpoint, float or w8a8")
+
+    sets = build_weight_sets(loaded, prefill, decode, group_size=group_size, decode_method=decode_method,
+                             calib_n=calib_n, vision=vision, notes=bw.note)
+    path = bw.path(FILE)
+    info = write_model_file(path, loaded.processor, sets["config"], sets["tensors"], sets["decode_layers"],
+                            chunk_size=chunk_size, max_context=max_context, float_type=float_type)
+    verify_model_file(path, info)
+    bw.extra["chunk_size"] = chunk_size
+    bw.extra["max_context"] = max_context
+    fmts = sorted({m["format"] for m in sets["config"]["extras"].get("quantization", {}).get("layers", {}).values()})
+    art = bw.add(Artifact(FILE, ROLE, "edgemm-native", label, lane="npu" if "w8a8" in fmts else "cpu",
+                          processor="cpu", runtime="native",
+                          extra={"architecture": ARCH, "file_format": "gguf", "format_version": FORMAT_VERSION,
+                                 "prefill": prefill if "w8a8" in fmts or prefill == "fp32" else "+".join(fmts),
+                                 "decode": decode if sets["decode_layers"] else None,
+                                 "main_formats": fmts or ["fp32"], "decode_layers": len(sets["decode_layers"]),
+                                 "group_size": group_size if decode == "int4" else None,
+                                 "tensor_types": info["type_counts"], "tensors": info["n_tensors"],
+                                 "prefill_lane": "npu" if "w8a8" in fmts else "cpu", "decode_lane": "cpu"}))
+    return [art]
+
+
+def _positive_int(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise EdgemmError(f"native {name} must be a positive integer, got {v!r}")
+    return int(v)
+
+
+# ------------------------------------------------------------------------------------------ weight sets
+
+
+def _packed_formats(model) -> dict[str, str]:
+    from edgemm.compress.modules import PackedLinear
+
+    return {n: m.format for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+
+
+def build_weight_sets(loaded, prefill: str, decode: str | None, group_size: int = 32, decode_method: str = "rtn",
+                      calib_n: int = 128, vision: str = "checkpoint", notes=lambda s: None) -> dict:
+    """-> {"config": config dict, "tensors": {name: np.ndarray}, "decode_layers": {layer: metadata}}.
+
+    The model in `loaded` is never modified (compression runs on copies)."""
+    import torch
+    from torch import nn
+
+    from edgemm.compress import apply
+    from edgemm.compress.config import GPTQConfig, RTNConfig, W8A8Config
+    from edgemm.models.checkpoint import state_dict_for_saving
+
+    src = loaded.model
+    compressed = bool(_packed_formats(src))
+    main = src
+    loop = None
+
+    def calibration():
+        nonlocal loop
+        if loop is None:
+            from edgemm.compress.calibration import shapes_forward_loop
+
+            loop = shapes_forward_loop(loaded.processor, n=calib_n)
+        return loop
+
+    text_float = [n for n, m in src.named_modules() if isinstance(m, nn.Linear) and n.startswith("text.layers.")]
+    decode_src = None  # the model whose text linears the decode set quantizes (float weights)
+    if compressed:
+        fm = _packed_formats(src)
+        notes(f"native: the checkpoint is already compressed ({', '.join(sorted(set(fm.values())))}); its packed "
+              f"tensors are mapped verbatim (prefill={prefill!r} applies to float layers only)")
+        w8a8_text = [n for n, f in fm.items() if f == "w8a8" and n.startswith("text.layers.")]
+        if decode and w8a8_text:
+            decode_src = _dequantized_copy(src, w8a8_text)
+            notes(f"native: the {decode} decode set of {len(w8a8_text)} W8A8 layers is quantized from their int8 "
+                  f"weights (dequantized), not from float weights")
+    if prefill == "w8a8" and (text_float or vision == "w8a8"):
+        include = [TEXT_LINEARS] if text_float else []
+        if vision == "w8a8":
+            include += ["vision.*", "projector.*"]
+        if decode and text_float and decode_src is None:
+            decode_src = src
+        main = copy.deepcopy(src)
+        with torch.no_grad():
+            apply(main, W8A8Config(include=include), forward_loop=calibration())
+    elif vision == "w8a8":
+        raise EdgemmError("native: vision='w8a8' needs the w8a8 prefill set")
+    elif decode and text_float and prefill == "fp32":
+        decode_src = src
+
+    decode_layers: dict[str, dict] = {}
+    decode_tensors: dict[str, np.ndarray] = {}
+    if decode and decode_src is not None:
+        names = [n for n, m in decode_src.named_modules() if isinstance(m, nn.Linear) and n.startswith("text.layers.")]
+        if names:
+            dq = copy.deepcopy(decode_src)
+            gs = group_size if decode == "int4" else 0
+            bits = 4 if decode == "int4" else 8
+            cls = GPTQConfig if decode_method == "gptq" else RTNConfig
+            conf = cls(bits=bits, group_size=gs, include=names, exclude=[])
+            with torch.no_grad():
+                apply(dq, conf, forward_loop=calibration() if decode_method == "gptq" else None)
+            for n in names:
+                mod = dq.get_submodule(n)
+                decode_layers[n] = mod.metadata()
+                for k in ("qweight", "scales", "zeros"):
+                    t = getattr(mod, k, None)
+                    if isinstance(t, torch.Tensor):
+                        decode_tensors[f"{DECODE_PREFIX}{n}.{k}"] = t.detach().cpu().numpy()
+            _check_sparse_decode(main, dq, names, cfg=main.config)
+    elif decode and not decode_layers and compressed:
+        notes("native: no decode set: the LLM's packed layers already are weight-only (decode uses the main set)")
+
+    main.config.validate()
+    cfg_dict = main.config.to_dict()
+    tensors = {k: v.detach().cpu().numpy() for k, v in state_dict_for_saving(main).items()}
+    tensors.update(decode_tensors)
+    return {"config": cfg_dict, "tensors": tensors, "decode_layers": decode_layers}
+
+
+def _dequantized_copy(model, names):
+    """A copy of `model` where the named packed layers are float nn.Linear with their dequantized weights."""
+    import torch
+    from torch import nn
+
+    from edgemm.compress.common import NM_ATTR, set_module
+
+    out = copy.deepcopy(model)
+    for n in names:
+        m = out.get_submodule(n)
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(m.dequantized_weight())
+            if m.bias is not None:
+                lin.bias.copy_(m.bias)
+        if getattr(m, NM_ATTR, None) is not None:
+            setattr(lin, NM_ATTR, dict(getattr(m, NM_ATTR)))
+        set_module(out, n, lin)
+    return out
+
+
+def _check_sparse_decode(main, dq, names, cfg) -> None:
+    """N:M layers: the decode set must keep every zero of the main set's weights exactly."""
+    sp = (cfg.extras.get("sparsity") or {}).get("layers", {})
+    for n in names:
+        if n not in sp:
+            continue
+        w = dq.get_submodule(n).dequantized_weight()
+        m = int(sp[n]["m"])
+        nz = (w.reshape(w.shape[0], -1, m) != 0).sum(-1)
+        if int(nz.max()) > int(sp[n]["n"]):
+            raise EdgemmError(f"native: the decode set of {n} lost its {sp[n]['n']}:{m} sparsity (exporter bug)")
+
+
+# ------------------------------------------------------------------------------------------- the file
+
+
+def _gguf_tensor(name: str, a: np.ndarray, float_type: str):
+    """-> (array to write, GGML type name) following the contract's dtype rules."""
+    if a.dtype in (np.float32, np.float64, np.float16) or a.dtype.kind == "f":
+        if name.endswith(".scales"):
+            if a.dtype != np.float16:
+                raise EdgemmError(f"native: {name} must be float16 (docs/formats.md), got {a.dtype}")
+            return np.ascontiguousarray(a), "F16"
+        if name.endswith(".input_scale"):
+            return np.ascontiguousarray(a.astype(np.float32).reshape(1)), "F32"
+        a32 = a.astype(np.float32)
+        if float_type == "f16" or (float_type == "auto" and np.array_equal(a32.astype(np.float16).astype(np.float32), a32)):
+            if not np.isfinite(a32.astype(np.float16)).all():
+                raise EdgemmError(f"native: {name} overflows float16; export with float_type='f32'")
+            return np.ascontiguousarray(a32.astype(np.float16)), "F16"
+        return np.ascontiguousarray(a32), "F32"
+    if a.dtype == np.int8:
+        return np.ascontiguousarray(a), "I8"
+    if a.dtype == np.uint8:  # int4 qweight / zeros: raw bytes as I8
+        return np.ascontiguousarray(a.view(np.int8)), "I8"
+    if a.dtype == np.int32:
+        return np.ascontiguousarray(a), "I32"
+    if a.dtype == np.int64:
+        raise EdgemmError(f"native: tensor {name} is int64; the format has no such type")
+    raise EdgemmError(f"native: tensor {name} has dtype {a.dtype}, which the format cannot store")
+
+
+def preprocess_json(cfg) -> str:
+    v = cfg.vision
+    return json.dumps({"image_size": v.image_size, "resize": v.image_resize, "mean": list(v.image_mean),
+                       "std": list(v.image_std)})
+
+
+def write_model_file(path, processor, config: dict, tensors: dict[str, np.ndarray], decode_layers: dict,
+                     chunk_size: int, max_context: int, float_type: str = "f32") -> dict:
+    """Write the GGUF model file at `path` (atomically). Returns what was written (for verification)."""
+    import gguf
+
+    from edgemm.models.config import VLMConfig
+
+    cfg = VLMConfig.from_dict(config)
+    kv = {
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(config),
+        "tokenizer": processor.tokenizer.to_str(),
+        "preprocess": preprocess_json(cfg),
+        "prompt_template": cfg.prompt_template,
+        "chunk_size": int(chunk_size),
+        "max_context": int(max_context),
+        "decode_quantization": json.dumps({"format_version": 1, "layers": decode_layers}) if decode_layers else "{}",
+    }
+    written: dict[str, tuple[np.ndarray, str]] = {}
+    for name, a in tensors.items():
+        if name.endswith(".outlier_channels") and a.size == 0:
+            continue  # absent = no outlier channels (GGUF has no zero-size tensors)
+        if a.size == 0:
+            raise EdgemmError(f"native: tensor {name} is empty; the format cannot store it")
+        written[name] = _gguf_tensor(name, a, float_type)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, ARCH)
+        w.add_uint32(f"{ARCH}.format_version", kv["format_version"])
+        for k in ("config", "tokenizer", "preprocess", "prompt_template"):
+            w.add_string(f"{ARCH}.{k}", kv[k])
+        w.add_uint32(f"{ARCH}.chunk_size", kv["chunk_size"])
+        w.add_uint32(f"{ARCH}.max_context", kv["max_context"])
+        w.add_string(f"{ARCH}.decode_quantization", kv["decode_quantization"])
+        for name, (a, t) in written.items():
+            w.add_tensor(name, a, raw_dtype=getattr(gguf.GGMLQuantizationType, t))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    from collections import Counter
+
+    return {"kv": kv, "tensors": written, "type_counts": dict(sorted(Counter(t for _, t in written.values()).items())),
+            "n_tensors": len(written)}
+
+
+def verify_model_file(path, info: dict) -> None:
+    """Read the file back with gguf-py's GGUFReader: every key and tensor must round-trip exactly."""
+    reader = open_reader(path)
+    kv = read_kv(reader)
+    for k, v in info["kv"].items():
+        if kv.get(k) != v:
+            raise EdgemmError(f"native: key {ARCH}.{k} did not round-trip through the GGUF file (exporter bug)")
+    got = {t.name: t for t in reader.tensors}
+    if set(got) != set(info["tensors"]):
+        extra = sorted(set(got) ^ set(info["tensors"]))
+        raise EdgemmError(f"native: tensor set differs after writing ({extra[0]}) (exporter bug)")
+    for name, (a, typ) in info["tensors"].items():
+        t = got[name]
+        if t.tensor_type.name != typ or list(reversed([int(x) for x in t.shape])) != list(a.shape) or \
+                not np.array_equal(np.asarray(t.data).reshape(a.shape).view(a.dtype), a):
+            raise EdgemmError(f"native: tensor {name} did not round-trip through the GGUF file (exporter bug)")
+
+
+def open_reader(path):
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise EdgemmError(f"native model file not found: {path}")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf-py raises ValueError / struct errors / IndexError on bad files
+        raise EdgemmError(f"not a readable GGUF file: {path} ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def read_kv(reader) -> dict:
+    """The edgemm.* keys of a GGUFReader as Python values (prefix stripped)."""
+    out = {}
+    for name, field in reader.fields.items():
+        if not name.startswith(ARCH + "."):
+            continue
+        v = field.contents()
+        out[name[len(ARCH) + 1:]] = v
+    return out
+
+
+# ------------------------------------------------------------------------------- the torch reference
+
+
+def read_model_file(path) -> tuple[dict, str, dict[str, np.ndarray], dict]:
+    """-> (config dict, tokenizer json text, tensors {name: numpy array in checkpoint dtypes}, decode layers)."""
+    reader = open_reader(path)
+    kv = read_kv(reader)
+    missing = [k for k in KEYS if k not in kv]
+    if missing:
+        raise EdgemmError(f"{path}: not an edgemm native model file (key {ARCH}.{missing[0]} missing)")
+    if kv["format_version"] != FORMAT_VERSION:
+        raise EdgemmError(f"{path}: format_version {kv['format_version']}; this edgemm reads {FORMAT_VERSION}")
+    try:
+        config = json.loads(kv["config"])
+        dq = json.loads(kv["decode_quantization"])
+    except json.JSONDecodeError as e:
+        raise EdgemmError(f"{path}: a JSON key is malformed ({e})") from None
+    qlayers = (config.get("extras", {}).get("quantization") or {}).get("layers", {})
+    dlayers = dq.get("layers", {}) if dq else {}
+    tensors = {}
+    for t in reader.tensors:
+        shape = tuple(reversed([int(x) for x in t.shape]))
+        a = np.asarray(t.data).reshape(shape)
+        layer, _, leaf = t.name.rpartition(".")
+        meta = dlayers.get(layer[len(DECODE_PREFIX):]) if layer.startswith(DECODE_PREFIX) else qlayers.get(layer)
+        if meta and meta.get("format") == "int4" and leaf in ("qweight", "zeros"):
+            a = a.view(np.uint8)
+        elif leaf == "input_scale":
+            a = a.reshape(())
+        tensors[t.name] = np.array(a)
+    for layer, meta in qlayers.items():
+        if meta.get("format") == "w8a8" and f"{layer}.outlier_channels" not in tensors:
+            tensors[f"{layer}.outlier_channels"] = np.zeros(0, np.int32)
+    return config, kv["tokenizer"], tensors, dlayers
+
+
+def reference_model(path):
+    """The torch EdgeVLM holding exactly the tensors of a native model file (or a bundle's), as a LoadedModel.
+
+    Linear layers with a decode set run their main (prefill) weights on multi-token inputs and the decode
+    weights on single-token steps, as the native engine does."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from edgemm.compress.common import set_module
+    from edgemm.compress.modules import restore_layer
+    from edgemm.models.checkpoint import RESTORERS, LoadedModel, load_state
+    from edgemm.models.config import VLMConfig
+    from edgemm.models.modeling import EdgeVLM
+    from edgemm.processor import Processor
+
+    path = model_path(path)
+    config, tok_json, tensors, dlayers = read_model_file(path)
+    cfg = VLMConfig.from_dict(config)
+    processor = Processor(Tokenizer.from_str(tok_json), cfg)
+    with torch.device("meta"):
+        model = EdgeVLM(cfg)
+    model = model.to_empty(device="cpu")
+    if "quantization" in cfg.extras or "sparsity" in cfg.extras:
+        import edgemm.compress.restore  # noqa: F401
+    for key, restore in RESTORERS.items():
+        if key in cfg.extras:
+            restore(model, cfg.extras[key])
+    main = {k: torch.from_numpy(v.astype(np.float32) if v.dtype == np.float16 and not k.endswith(".scales") else v)
+            for k, v in tensors.items() if not k.startswith(DECODE_PREFIX)}
+    load_state(model, main, str(path))
+    for layer, meta in dlayers.items():
+        dec = restore_layer(meta, layer)
+        sd = {k[len(DECODE_PREFIX) + len(layer) + 1:]: torch.from_numpy(v) for k, v in tensors.items()
+              if k.startswith(f"{DECODE_PREFIX}{layer}.")}
+        if dec.bias is not None:
+            sd["bias"] = model.get_submodule(layer).bias.detach().clone()
+        dec.load_state_dict(sd, strict=True)
+        set_module(model, layer, _prefill_decode_linear()(model.get_submodule(layer), dec))
+    model.eval()
+    return LoadedModel(model, processor, f"native-reference:{path}", Path(path).parent)
+
+
+def model_path(path) -> Path:
+    """A model file, or a bundle directory holding one (its `model` artifact for the native runtime)."""
+    p = Path(path)
+    if p.is_dir():
+        from .bundle import read_manifest
+
+        m = read_manifest(p, verify=False)
+        arts = [a for a in m["artifacts"] if a.get("runtime") == "native"]
+        if not arts:
+            raise EdgemmError(f"bundle {p} has no native model file")
+        return p / arts[0]["file"]
+    if not p.is_file():
+        raise EdgemmError(f"native model file not found: {p}")
+    return p
+
+
+@functools.lru_cache(maxsize=None)
+def _prefill_decode_linear():
+    from torch import nn
+
+    class PrefillDecodeLinear(nn.Module):
+        """Runs `prefill` on inputs of several tokens and `decode` on one-token inputs ([B, 1, K])."""
+
+        def __init__(self, prefill, decode):
+            super().__init__()
+            self.prefill, self.decode = prefill, decode
+            self.in_features, self.out_features = prefill.in_features, prefill.out_features
+
+        def forward(self, x):
+            return (self.decode if x.dim() >= 2 and x.shape[-2] == 1 else self.prefill)(x)
+
+    return PrefillDecodeLinear
+
+
+def __getattr__(name):  # torch stays unimported until the reference is needed
+    if name == "PrefillDecodeLinear":
+        return _prefill_decode_linear()
+    raise AttributeError(name)
+
+
+__all__ = ["write", "write_model_file", "verify_model_file", "read_model_file", "reference_model", "model_path",
+           "PRESETS", "FILE"]
