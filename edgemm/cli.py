@@ -342,7 +342,7 @@ def demo(n: int = typer.Option(300, help="questions in the accuracy check (and p
 
 # Each feature area registers its own commands: a module with `register(app)` (imports inside the
 # command functions, so that `edgemm --help` stays fast and torch-free).
-COMMAND_MODULES: list[str] = ["edgemm.tokens.cli", "edgemm.distill.cli", "edgemm.recipes.cli", "edgemm.compress.cli"]
+COMMAND_MODULES: list[str] = ["edgemm.tokens.cli", "edgemm.distill.cli", "edgemm.recipes.cli", "edgemm.compress.cli", "edgemm.chat", "edgemm.bench.cli"]
 
 
 def _register() -> None:
