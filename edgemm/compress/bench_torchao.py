@@ -13,6 +13,8 @@ times. Results are cached per entry in the --results JSON (rerun with --force to
 torchao on this CPU build: Int8WeightOnlyConfig (int8 per row) and Int8DynamicActivationInt8WeightConfig
 run; Int4WeightOnlyConfig needs CUDA or the mslk package for every packing format, so the int4
 comparison uses IntxWeightOnlyConfig(int4, PerGroup(32)), which stores one int4 value per int8 byte.
+Group size 128 does not divide the demo's 192-wide vision layers nor its 704-wide MLP down
+projection, so the larger-group entries use 64.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ ENTRIES: list[tuple[str, str, str, object]] = [
     ("int4-rtn-g32", "edgemm int4 RTN g32", "edgemm", [{"method": "rtn", "bits": 4, "group_size": G}]),
     ("int4-gptq-g32", "edgemm int4 GPTQ g32", "edgemm", [{"method": "gptq", "bits": 4, "group_size": G}]),
     ("int4-awq-g32", "edgemm int4 AWQ g32", "edgemm", [{"method": "awq", "bits": 4, "group_size": G}]),
+    ("int4-rtn-g64", "edgemm int4 RTN g64", "edgemm", [{"method": "rtn", "bits": 4, "group_size": 64}]),
+    ("int4-gptq-g64", "edgemm int4 GPTQ g64", "edgemm", [{"method": "gptq", "bits": 4, "group_size": 64}]),
+    ("int4-awq-g64", "edgemm int4 AWQ g64", "edgemm", [{"method": "awq", "bits": 4, "group_size": 64}]),
     ("int4-rtn-g32-asym", "edgemm int4 RTN g32 asym", "edgemm", [{"method": "rtn", "bits": 4, "group_size": G, "symmetric": False}]),
     ("int4-gptq-g32-asym", "edgemm int4 GPTQ g32 asym", "edgemm", [{"method": "gptq", "bits": 4, "group_size": G, "symmetric": False}]),
     ("int4-awq-g32-asym", "edgemm int4 AWQ g32 asym", "edgemm", [{"method": "awq", "bits": 4, "group_size": G, "symmetric": False}]),
@@ -51,6 +56,8 @@ ENTRIES: list[tuple[str, str, str, object]] = [
     ("s24-wanda", "edgemm 2:4 Wanda", "edgemm", [{"method": "wanda", "pattern": "2:4"}]),
     ("s24-sparsegpt", "edgemm 2:4 SparseGPT", "edgemm", [{"method": "sparsegpt", "pattern": "2:4"}]),
     ("s24-maskllm", "edgemm 2:4 MaskLLM", "edgemm", [{"method": "maskllm", "pattern": "2:4"}]),
+    ("s24-maskllm-recon", "edgemm 2:4 MaskLLM + OBS reconstruction of the kept weights", "edgemm",
+     [{"method": "maskllm", "pattern": "2:4", "reconstruct": True}]),
     ("s24-maskllm+int4-gptq-g32", "edgemm 2:4 MaskLLM + int4 GPTQ g32", "edgemm",
      [{"method": "maskllm", "pattern": "2:4"}, {"method": "gptq", "bits": 4, "group_size": G}]),
     ("s24-sparsegpt+int4-gptq-g32", "edgemm 2:4 SparseGPT + int4 GPTQ g32", "edgemm",
@@ -104,6 +111,8 @@ def cli_command(key: str, spec, model: str, calib_n: int, maskllm_calib_n: int) 
             c = f"edgemm sparsify {src} -o {out} --method {m} --pattern {d['pattern']}"
             if m == "maskllm":
                 c += f" --calib-n {maskllm_calib_n}"
+                if d.get("reconstruct"):
+                    c += "  # + reconstruct: true (recipe / Python option, no CLI flag)"
             elif m != "magnitude":
                 c += f" --calib-n {calib_n}"
         elif m == "w8a8":
@@ -208,7 +217,7 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    from ..fileio import write_json
+    from ..fileio import atomic_file, write_json
 
     torch.set_num_threads(args.threads)
     res_file = Path(args.results)
@@ -243,8 +252,8 @@ def main(argv=None) -> int:
     table = markdown({k: v for k, v in results.items() if k != "_meta"}, results.get("fp32", {}).get("weight_bytes"))
     print(table)
     if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(table)
+        with atomic_file(args.markdown, "w") as f:
+            f.write(table)
     return 0
 
 
