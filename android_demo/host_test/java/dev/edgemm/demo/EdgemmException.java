@@ -1,0 +1,11 @@
+package dev.edgemm.demo;
+
+/** Host twin of the Kotlin EdgemmException (EdgemmNative.kt): the JNI bridge constructs it by (int, String). */
+public class EdgemmException extends Exception {
+    public final int status;
+
+    public EdgemmException(int status, String message) {
+        super(message);
+        this.status = status;
+    }
+}
