@@ -1,0 +1,84 @@
+"""Work and bytes models for the roofline fractions the bench reports.
+
+- Prefill: useful multiply-accumulates of a text-only prompt of N tokens = N x (every decoder linear layer)
+  + causal attention (QK^T and PV over the keys each query sees) + the lm_head for the last token only.
+  `int8_peak_fraction` = those MACs per second / the int8 peak of the cores used (AVX-512 VNNI,
+  230 GMAC/s per core measured on this machine, at most 2 cores).
+- Decode: bytes read per generated token = every decoder linear weight and the lm_head at the storage
+  type of the runtime/precision (scales included) + the KV cache read at the current context.
+  `bandwidth_fraction` = bytes per token x tokens/s / 29 GB/s (this machine's measured read bandwidth).
+A runtime that does more work than needed (e.g. logits for every prompt position) gets no credit for it.
+"""
+
+from __future__ import annotations
+
+INT8_GMACS_PER_CORE = 230.0  # AVX-512 VNNI int8 peak per core, measured on this machine (issue 6)
+MAX_CORES = 2
+READ_BANDWIDTH_GBS = 29.0  # measured read bandwidth of this machine (issue 6)
+
+# bytes per weight of the decoder's matmul weights, and of the lm_head, per (runtime, precision);
+# bytes per KV-cache element.
+WEIGHT_BYTES = {
+    ("torch", "fp32"): (4.0, 4.0, 4),
+    ("torch", "bf16"): (2.0, 2.0, 2),
+    ("onnxruntime", "fp32"): (4.0, 4.0, 4),
+    ("onnxruntime", "int8"): (1.0, 1.0, 4),  # quantize_dynamic, per-channel scales (negligible)
+    ("onnxruntime", "int4"): (0.5 + 4 / 32, 0.5 + 4 / 32, 4),  # MatMulNBits block 32, fp32 scales
+    ("executorch", "fp32"): (4.0, 4.0, 4),
+    ("executorch", "8da8w"): (1.0, 1.0, 4),
+    ("executorch", "8da4w"): (0.5 + 2 / 32, 0.5 + 2 / 32, 4),  # group 32, bf16 scales
+    ("llamacpp", "f16"): (2.0, 2.0, 2),
+    ("llamacpp", "q8_0"): (34 / 32, 34 / 32, 2),  # KV cache f16 (llama.cpp's default)
+    ("llamacpp", "q4_0"): (18 / 32, 34 / 32, 2),  # the exporter keeps the output matrix at Q8_0
+}
+
+
+def linear_macs_per_token(t) -> int:
+    """MACs of one token through every decoder layer's linear layers (`t` a TextConfig)."""
+    d, h, kv, hd, f = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim, t.intermediate_size
+    per_layer = d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f
+    return t.num_layers * per_layer
+
+
+def prefill_macs(t, n: int) -> int:
+    """Useful MACs of a text-only prefill of n tokens (last-token logits only)."""
+    attn = t.num_layers * 2 * t.num_heads * t.head_dim * (n * (n + 1) // 2)
+    return n * linear_macs_per_token(t) + attn + t.hidden_size * t.vocab_size
+
+
+def int8_peak_gmacs(threads: int) -> float:
+    return INT8_GMACS_PER_CORE * max(1, min(threads, MAX_CORES))
+
+
+def decode_bytes_per_token(t, runtime: str, precision: str, context: float) -> float | None:
+    """Bytes read per decoded token at an average KV context; None for an unknown storage type."""
+    key = (runtime, precision)
+    if key not in WEIGHT_BYTES:
+        return None
+    wb, hb, kvb = WEIGHT_BYTES[key]
+    d = t.hidden_size
+    per_layer = d * t.num_heads * t.head_dim + 2 * d * t.num_kv_heads * t.head_dim + t.num_heads * t.head_dim * d \
+        + 3 * d * t.intermediate_size
+    weights = t.num_layers * per_layer * wb + d * t.vocab_size * hb
+    kv = context * t.num_layers * 2 * t.num_kv_heads * t.head_dim * kvb
+    return weights + kv
+
+
+def fractions(result: dict, cfg, threads: int, runtime: str, precision: str) -> dict:
+    """int8_peak_fraction per prompt length and bandwidth_fraction, from a run's measured rates."""
+    t = cfg.text
+    out: dict = {"int8_peak_fraction": {}, "bandwidth_fraction": None}
+    peak = int8_peak_gmacs(threads) * 1e9
+    for n, tok_s in (result.get("prefill_tok_s") or {}).items():
+        if tok_s:
+            macs = prefill_macs(t, int(n))
+            out["int8_peak_fraction"][n] = round(macs / int(n) * tok_s / peak, 4)
+    dec = result.get("decode_tok_s")
+    ctx = result.get("decode_context_avg")
+    if dec and ctx is not None:
+        b = decode_bytes_per_token(t, runtime, precision, ctx)
+        if b is not None:
+            out["bandwidth_fraction"] = round(b * dec / (READ_BANDWIDTH_GBS * 1e9), 4)
+            out["decode_bytes_per_token"] = int(b)
+    out["prefill_gmacs_per_token"] = {n: round(prefill_macs(t, int(n)) / int(n) / 1e9, 4) for n in (result.get("prefill_tok_s") or {})}
+    return out

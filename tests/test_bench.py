@@ -1,0 +1,105 @@
+"""edgemm bench: the demo preset end to end (torch + onnxruntime, tiny token counts), the JSON schema,
+the export cache, layer-scaling arithmetic and one-line errors for bad input."""
+
+import json
+
+import pytest
+
+from edgemm.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_report(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    out, chart = d / "report.json", d / "bench.png"
+    rc = main(["bench", "--preset", "demo", "--runtime", "torch,onnxruntime", "--precision", "fp32",
+               "--prompt-tokens", "16,32", "--decode-tokens", "4", "--decode-context", "8", "--repeats", "1",
+               "--cache-dir", str(d / "cache"), "--out", str(out), "--chart", str(chart)])
+    assert rc == 0
+    return json.loads(out.read_text()), d
+
+
+def test_demo_end_to_end_schema(demo_report):
+    rep, d = demo_report
+    assert rep["preset"] == "demo" and rep["threads"] == 2
+    assert rep["settings"]["prompt_tokens"] == [16, 32]
+    got = {(r["runtime"], r["precision"]): r for r in rep["results"]}
+    assert set(got) == {("torch", "fp32"), ("onnxruntime", "fp32")}
+    for r in got.values():
+        assert r["status"] == "ok", r
+        assert set(r["prefill_tok_s"]) == {"16", "32"} and all(v > 0 for v in r["prefill_tok_s"].values())
+        assert r["decode_tok_s"] > 0
+        assert r["image_encode_ms"] > 0
+        assert r["ttft_ms"]["full"] > 0 and r["ttft_ms"]["pruned"] > 0
+        # fastervlm:0.25 of the demo's 64 visual tokens
+        assert r["ttft"]["full"]["visual_tokens"] == 64 and r["ttft"]["pruned"]["visual_tokens"] == 16
+        assert r["peak_rss_mb"] > 50
+        assert 0 < r["int8_peak_fraction"]["16"] < 1.5 and 0 < r["bandwidth_fraction"] < 1.5
+    assert got[("onnxruntime", "fp32")]["export"]["cached"] is False
+    assert (d / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_cache_is_reused_and_keyed(demo_report):
+    from edgemm.bench.core import Bench
+
+    _, d = demo_report
+    b = Bench("demo", cache_dir=d / "cache", prompt_tokens=(16,))
+    meta = b.ensure_export("onnxruntime", "fp32", None)
+    assert meta["cached"] is True and (d / "cache" / "demo" / "onnxruntime-fp32" / "bundle" / "manifest.json").is_file()
+    _, k1 = b._entry("onnxruntime", "fp32", None)
+    _, k2 = b._entry("onnxruntime", "int8", None)
+    _, k3 = Bench("demo", cache_dir=d / "cache", seed=1, prompt_tokens=(16,))._entry("onnxruntime", "fp32", None)
+    assert len({json.dumps(k, sort_keys=True) for k in (k1, k2, k3)}) == 3
+
+
+def test_load_renders_saved_report(demo_report, capsys):
+    rep, d = demo_report
+    capsys.readouterr()
+    assert main(["bench", "--load", str(d / "report.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"] == rep["results"]
+
+
+def test_extrapolation_is_linear_in_layers():
+    from edgemm.bench.core import extrapolate
+
+    def run(layers):  # t = 0.5 s + 0.1 s per layer at 100 tokens; decode 0.01 + 0.002 s/layer per token
+        t = 0.5 + 0.1 * layers
+        return {"repeats": 3, "prefill_tok_s": {"100": 100 / t}, "prefill_s": {"100": {"median_s": t}},
+                "decode_tok_s": 1 / (0.01 + 0.002 * layers), "decode_context_avg": 70.0,
+                "ttft_ms": {"full": 100 + 10 * layers}, "image_encode_ms": 40.0, "ttft": {"full": {"visual_tokens": 9}},
+                "peak_rss_mb": 100.0 + 50 * layers, "loadavg_1m": [1.0, 1.0]}
+
+    out = extrapolate([run(1), run(4)], [1, 4], 24)
+    assert out["prefill_tok_s"]["100"] == pytest.approx(100 / (0.5 + 2.4), rel=1e-3)
+    assert out["decode_tok_s"] == pytest.approx(1 / (0.01 + 0.048), rel=1e-3)
+    assert out["ttft_ms"]["full"] == pytest.approx(340)
+    assert out["peak_rss_mb"] == pytest.approx(1300) and out["peak_rss_estimated"] is True
+
+
+def test_fractions_use_real_work():
+    from edgemm.bench.metrics import decode_bytes_per_token, fractions, linear_macs_per_token
+    from edgemm.bench.presets import preset_config
+
+    cfg = preset_config("llava-qwen1.8b")
+    # Qwen1.5-1.8B's decoder linear layers: 24 x (4 x 2048^2 + 3 x 2048 x 5504) MACs per token
+    assert linear_macs_per_token(cfg.text) == 24 * (4 * 2048 * 2048 + 3 * 2048 * 5504)
+    fr = fractions({"prefill_tok_s": {"512": 100.0}, "decode_tok_s": 10.0, "decode_context_avg": 0.0}, cfg, 2, "llamacpp", "q8_0")
+    assert 0.25 < fr["int8_peak_fraction"]["512"] < 0.3  # ~1.33 GMAC/token x 100 / 460 GMAC/s
+    b = decode_bytes_per_token(cfg.text, "llamacpp", "q8_0", 0)
+    assert fr["bandwidth_fraction"] == pytest.approx(b * 10 / 29e9, rel=1e-3)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--preset", "llama-70b"], "unknown bench preset 'llama-70b'"),
+    (["--runtime", "tensorrt"], "unknown runtime 'tensorrt'"),
+    (["--runtime", "torch", "--precision", "q4_0"], "precision 'q4_0' is not one of"),
+    (["--prompt-tokens", "512,abc"], "--prompt-tokens takes comma-separated integers"),
+    (["--prompt-tokens", "4096"], "prompt tokens must be in 1..2040"),
+    (["--token-compression", "nosuch:0.5"], "nosuch"),
+    (["--threads", "0"], "--threads must be >= 1"),
+])
+def test_bad_input_is_one_line_error(args, msg, capsys, tmp_path):
+    assert main(["bench", "--cache-dir", str(tmp_path), *args]) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and msg in err.replace("\n", " ")
+    assert "Traceback" not in err
