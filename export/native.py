@@ -117,15 +117,17 @@ def write(bw, loaded, precision: str | None = None, prefill: str | None = None, 
     bw.extra["chunk_size"] = chunk_size
     bw.extra["max_context"] = max_context
     fmts = sorted({m["format"] for m in sets["config"]["extras"].get("quantization", {}).get("layers", {}).values()})
-    art = bw.add(Artifact(FILE, ROLE, "edgemm-native", label, lane="npu" if "w8a8" in fmts else "cpu",
+    if sets["compressed"]:  # name what the file holds, not the preset that did not apply
+        label = "+".join(fmts) + (f"-{decode}" if sets["decode_layers"] else "")
+    has_w8a8 = "w8a8" in fmts
+    art = bw.add(Artifact(FILE, ROLE, "edgemm-native", label, lane="npu" if has_w8a8 else "cpu",
                           processor="cpu", runtime="native",
                           extra={"architecture": ARCH, "file_format": "gguf", "format_version": FORMAT_VERSION,
-                                 "prefill": prefill if "w8a8" in fmts or prefill == "fp32" else "+".join(fmts),
-                                 "decode": decode if sets["decode_layers"] else None,
-                                 "main_formats": fmts or ["fp32"], "decode_layers": len(sets["decode_layers"]),
-                                 "group_size": group_size if decode == "int4" else None,
+                                 "main_formats": fmts or ["fp32"], "decode": decode if sets["decode_layers"] else None,
+                                 "decode_layers": len(sets["decode_layers"]),
+                                 "group_size": group_size if decode == "int4" and sets["decode_layers"] else None,
                                  "tensor_types": info["type_counts"], "tensors": info["n_tensors"],
-                                 "prefill_lane": "npu" if "w8a8" in fmts else "cpu", "decode_lane": "cpu"}))
+                                 "prefill_lane": "npu" if has_w8a8 else "cpu", "decode_lane": "cpu"}))
     return [art]
 
 
@@ -221,7 +223,7 @@ def build_weight_sets(loaded, prefill: str, decode: str | None, group_size: int 
     cfg_dict = main.config.to_dict()
     tensors = {k: v.detach().cpu().numpy() for k, v in state_dict_for_saving(main).items()}
     tensors.update(decode_tensors)
-    return {"config": cfg_dict, "tensors": tensors, "decode_layers": decode_layers}
+    return {"config": cfg_dict, "tensors": tensors, "decode_layers": decode_layers, "compressed": compressed}
 
 
 def _dequantized_copy(model, names):
@@ -507,5 +509,86 @@ def __getattr__(name):  # torch stays unimported until the reference is needed
     raise AttributeError(name)
 
 
+# ----------------------------------------------------------------------------------------- agreement
+
+
+def agreement(bundle, data: str | None = None, threads: int = 2, limit: int | None = None, out_dir=None,
+              batch_size: int = 64, quiet: bool = False) -> dict:
+    """Greedy answers of the native engine vs the torch reference holding the same tensors
+    (reference_model) on `data` (default: the agreement split shapes:200:778).
+
+    Both sides go through edgemm.eval.evaluate (what `edgemm eval --predictions` runs); with `out_dir` the
+    two predictions files are kept there (native.jsonl, torch.jsonl). -> report with both accuracies, the
+    agreement (fraction of identical normalized answers) and the first disagreements."""
+    import tempfile as _tempfile
+
+    from edgemm.data import AGREEMENT, load_dataset
+    from edgemm.eval import evaluate, normalize
+    from edgemm.runtimes import load
+    from edgemm.runtimes.torch_runtime import TorchSession
+
+    data = data or AGREEMENT
+    ds = load_dataset(data, limit)
+    bundle = Path(bundle)
+    with _tempfile.TemporaryDirectory() as tmp:
+        where = Path(out_dir) if out_dir else Path(tmp)
+        where.mkdir(parents=True, exist_ok=True)
+        nat = load(bundle, runtime="native", threads=threads)
+        rep_n = evaluate(nat, ds, f"{bundle.name} (native)", batch_size=batch_size, quiet=quiet,
+                         predictions=where / "native.jsonl")
+        nat.close()
+        ref = TorchSession(reference_model(bundle), threads=threads)
+        rep_t = evaluate(ref, ds, f"{bundle.name} (torch reference)", batch_size=batch_size, quiet=quiet,
+                         predictions=where / "torch.jsonl")
+        pn = [json.loads(x) for x in (where / "native.jsonl").read_text().splitlines()]
+        pt = [json.loads(x) for x in (where / "torch.jsonl").read_text().splitlines()]
+    same = [normalize(a["prediction"]) == normalize(b["prediction"]) for a, b in zip(pn, pt)]
+    diffs = [{"question": a["question"], "answer": a["answer"], "native": a["prediction"], "torch": b["prediction"]}
+             for a, b, s in zip(pn, pt, same) if not s]
+    man = json.loads((bundle / "manifest.json").read_text())
+    art = next(a for a in man["artifacts"] if a.get("runtime") == "native")
+    return {"bundle": str(bundle), "precision": art["precision"], "data": ds.name, "n": len(same),
+            "agreement": sum(same) / len(same), "native_accuracy": rep_n["accuracy"],
+            "torch_accuracy": rep_t["accuracy"], "native_questions_per_s": rep_n["questions_per_s"],
+            "torch_questions_per_s": rep_t["questions_per_s"], "disagreements": diffs[:10],
+            "n_disagreements": len(diffs)}
+
+
+def _main(argv=None) -> int:
+    """python -m edgemm.export.native agree BUNDLE [--data SPEC] [--limit N] [--threads T] [--out DIR] [--json]"""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m edgemm.export.native",
+                                 description="native engine vs the torch reference with the same tensors")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("agree", help="greedy-answer agreement and accuracies")
+    a.add_argument("bundle")
+    a.add_argument("--data", default=None, help="dataset (default shapes:200:778, the agreement split)")
+    a.add_argument("--limit", type=int, default=None)
+    a.add_argument("--threads", type=int, default=2)
+    a.add_argument("--out", default=None, help="keep native.jsonl / torch.jsonl here")
+    a.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        rep = agreement(args.bundle, args.data, args.threads, args.limit, args.out, quiet=args.json)
+    except EdgemmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        print(f"{rep['bundle']} ({rep['precision']}) on {rep['data']}: agreement {100 * rep['agreement']:.2f}% "
+              f"({rep['n'] - rep['n_disagreements']}/{rep['n']}), native accuracy {100 * rep['native_accuracy']:.2f}%, "
+              f"torch reference accuracy {100 * rep['torch_accuracy']:.2f}%")
+        for d in rep["disagreements"]:
+            print(f"  {d['question']!r}: native {d['native']!r}, torch {d['torch']!r} (answer {d['answer']!r})")
+    return 0
+
+
 __all__ = ["write", "write_model_file", "verify_model_file", "read_model_file", "reference_model", "model_path",
-           "PRESETS", "FILE"]
+           "agreement", "PRESETS", "FILE"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -152,6 +152,7 @@ def test_compressed_checkpoint_is_mapped_verbatim(tiny, tmp_path):
     export(lm, "native", tmp_path / "b", calib_n=8)
     man = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert any("mapped verbatim" in n for n in man["notes"])
+    assert man["artifacts"][0]["precision"] == "int4" and man["artifacts"][0]["lane"] == "cpu"
     r = {t.name: t for t in reader(tmp_path / "b").tensors}
     assert not any(k.startswith("decode.") for k in r)
     sd = state_dict_for_saving(m)
@@ -169,6 +170,7 @@ def test_w8a8_checkpoint_gets_a_derived_decode_set_and_sparsity_is_kept(tiny, tm
     export(str(tmp_path / "ck"), "native", tmp_path / "b", precision="w8a8-int4")
     man = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert any("dequantized" in n for n in man["notes"])
+    assert man["artifacts"][0]["precision"] == "w8a8-int4" and man["artifacts"][0]["lane"] == "npu"
     kv = nx.read_kv(reader(tmp_path / "b"))
     cfg = json.loads(kv["config"])
     assert set(cfg["extras"]["sparsity"]["layers"]) == set(cfg["extras"]["quantization"]["layers"])
