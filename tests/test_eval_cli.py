@@ -177,3 +177,14 @@ def test_processor_refuses_image_token_in_user_text(tiny_ckpt):
     lm = load_model(str(tiny_ckpt))
     with pytest.raises(EdgemmError):
         lm.processor.encode_prompt("what is <image> here?")
+
+
+@pytest.mark.parametrize("name,floor", [("demo", 0.9), ("demo-small", 0.75)])
+def test_shipped_demo_models_answer_held_out_questions(capsys, name, floor):
+    """The models shipped in the package load and answer a slice of the held-out set (full figures: README)."""
+    from edgemm.data import HELDOUT
+
+    code, out, err = run_cli(capsys, "eval", name, "--data", HELDOUT, "--limit", "192", "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["n"] == 192 and rep["accuracy"] >= floor, rep

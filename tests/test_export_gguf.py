@@ -477,8 +477,7 @@ def test_demo_model_agrees_with_torch(tmp_path):
     200-question measurement is in docs/export-gguf.md)."""
     from edgemm.models import builtin_path, load_model
 
-    if not (builtin_path("demo") / "config.json").is_file():
-        pytest.skip("the demo model is not built in this checkout (edgemm train-demo); measured in docs/export-gguf.md")
+    assert (builtin_path("demo") / "config.json").is_file(), "the shipped demo model is missing (edgemm train-demo)"
     lm = load_model("demo")
     export(lm, "gguf", tmp_path / "demo")
     s = open_llama(tmp_path / "demo")

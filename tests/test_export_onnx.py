@@ -239,7 +239,6 @@ def test_int4_maps_edgemm_weights_verbatim(demo_tokenizer, tmp_path, asym):
 
 @pytest.mark.parametrize("method", ["fastervlm", "tome"])
 def test_visual_token_compression_inside_the_vision_encoder(demo_tokenizer, tmp_path, questions, method):
-    pytest.importorskip("edgemm.tokens.apply", reason="visual-token compression (edgemm.tokens) is not in this tree")
     model = random_model()
     model.config.extras["visual_tokens"] = {"method": method, "keep": 0.25}
     lm = loaded(model, demo_tokenizer)
