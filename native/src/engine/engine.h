@@ -1,0 +1,206 @@
+// edgemm native engine internals: model file -> packed weights, EdgeVLM forward (ViT, projector, token
+// compression, Llama decoder with KV cache), chunked prefill (optionally two-lane), decode, sampling.
+// Internal errors are thrown as edgemm::Error and turned into status codes at the C ABI.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../../include/edgemm.h"
+#include "gguf.h"
+#include "json.h"
+#include "kernels.h"
+#include "npu_backend.h"
+#include "tokenizer.h"
+
+namespace edgemm {
+
+struct Error : std::runtime_error {
+  edgemm_status code;
+  Error(edgemm_status c, const std::string& m) : std::runtime_error(m), code(c) {}
+};
+[[noreturn]] inline void fail(edgemm_status c, const std::string& m) { throw Error(c, m); }
+void check_kernel(kernels::Status s, const char* what);
+
+inline double now_ms() {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// ------------------------------------------------------------------------------------------- config
+struct VisionCfg {
+  int image_size = 0, patch_size = 0, num_channels = 3, hidden = 0, layers = 0, heads = 0, inter = 0;
+  float eps = 1e-5f;
+  std::string act = "gelu";
+  bool patch_bias = true, pre_layernorm = false;
+  float mean[3] = {0.5f, 0.5f, 0.5f}, stdv[3] = {0.5f, 0.5f, 0.5f};
+  std::string resize = "pad";
+  int grid() const { return image_size / patch_size; }
+  int patches() const { return grid() * grid(); }
+  int head_dim() const { return hidden / heads; }
+};
+struct TextCfg {
+  int vocab = 0, hidden = 0, layers = 0, heads = 0, kv_heads = 0, head_dim = 0, inter = 0, max_pos = 0;
+  float eps = 1e-5f, rope_theta = 10000.f;
+  bool tie = false;
+};
+struct TokenSetting {
+  std::string method;  // "" = off
+  bool keep_is_ratio = false;
+  double keep_ratio = 1.0;
+  int64_t keep_count = 0;
+  // options
+  bool has_layer = false;
+  int64_t layer = 0;
+  int64_t start = 0;
+  bool has_end = false;
+  int64_t end = 0;
+  uint64_t seed = 0;
+  double alpha = 1.0;
+};
+struct LayerQuant {
+  std::string format;  // "int4" | "int8" | "w8a8"
+  int64_t group_size = 0;
+  bool symmetric = true;
+};
+struct Config {
+  VisionCfg v;
+  TextCfg t;
+  std::string proj_act = "gelu";
+  bool proj_bias = true;
+  int feature_layer = -2;  // as in the config
+  int feature_blocks = 0;  // blocks that run
+  bool select_full = false;
+  int image_token = 3, bos = 1, eos = 2, pad = 0;
+  std::string prompt_template;
+  TokenSetting tokens;
+  std::map<std::string, LayerQuant> quant, decode_quant;
+  std::map<std::string, std::pair<int, int>> sparsity;  // name -> (n, m)
+  json::Value raw;                                      // the config JSON
+  int num_visual_tokens() const;                        // after compression
+};
+void parse_config(const std::string& text, Config* cfg);            // throws FORMAT
+void parse_token_setting(const json::Value& v, const Config& cfg, TokenSetting* s);
+
+// ------------------------------------------------------------------------------------------ weights
+struct Linear {
+  enum Kind { kNone, kF32, kW8A8, kWoq } kind = kNone;
+  int64_t N = 0, K = 0;
+  kernels::F32Weights f32;
+  kernels::W8A8Weights w8;
+  float input_scale = 0.f;
+  kernels::WoqWeights woq;
+  std::vector<float> bias;  // empty or N
+  std::string desc;         // "f32", "w8a8", "int4-g32", "int8-g256-2:4", ...
+  int64_t bytes = 0;        // packed bytes
+  std::vector<Linear> parts;  // non-empty: a group that could not be fused; part i writes columns [off_i, off_i + N_i)
+  bool valid() const { return kind != kNone; }
+};
+
+struct Scratch {
+  kernels::W8A8Act act;
+  kernels::WoqAct wact;
+};
+// y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ W^T + b
+void run_linear(const Linear& L, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, Scratch* s,
+                ThreadPool* pool);
+
+struct VitBlock {
+  std::vector<float> ln1_w, ln1_b, ln2_w, ln2_b;
+  Linear qkv, out, fc1, fc2;
+};
+struct TextBlock {
+  std::vector<float> ln_in, ln_post;
+  Linear qkv, o, gate_up, down;        // prefill (main) set
+  Linear d_qkv, d_o, d_gate_up, d_down;  // decode set (kind kNone = use the main set)
+  const Linear& dec_qkv() const { return d_qkv.valid() ? d_qkv : qkv; }
+  const Linear& dec_o() const { return d_o.valid() ? d_o : o; }
+  const Linear& dec_gate_up() const { return d_gate_up.valid() ? d_gate_up : gate_up; }
+  const Linear& dec_down() const { return d_down.valid() ? d_down : down; }
+};
+
+struct Model {
+  Config cfg;
+  Tokenizer tok;
+  std::string path;
+  int chunk_size = 32, max_context = 512, n_threads = 1;
+  bool npu_lane = false;
+  std::string prefill_desc, decode_desc;
+  // vision
+  Linear patch_embed;
+  std::vector<float> cls, pos_embed, pre_ln_w, pre_ln_b;
+  std::vector<VitBlock> vit;
+  Linear proj1, proj2;
+  // text
+  std::vector<float> embed;  // [V, D]
+  std::vector<TextBlock> blocks;
+  std::vector<float> norm_w;
+  Linear lm_head, d_lm_head;
+  kernels::RopeTable rope;
+  // threads
+  std::unique_ptr<ThreadPool> pool;                // everything when npu_lane == 0
+  std::unique_ptr<ThreadPool> npu_pool, cpu_pool;  // the two lanes
+  const NpuBackend* npu = nullptr;
+  std::string info_json() const;
+};
+// Loads a model file or a bundle directory. Throws Error.
+std::unique_ptr<Model> load_model(const std::string& path, const edgemm_load_options& opts);
+
+// ------------------------------------------------------------------------------------------ session
+struct DebugTensor {
+  std::vector<int64_t> shape;
+  std::vector<float> data;
+};
+struct ImageEncoding {
+  std::vector<float> embeds;  // [K, Dt]
+  std::vector<int32_t> index; // [K]
+  int64_t k = 0;
+};
+struct Session {
+  Model* m = nullptr;
+  // KV cache [layer][kv_head][max_context][head_dim]
+  std::vector<float> kcache, vcache;
+  int64_t n_past = 0;
+  bool image_used = false;  // the current context already holds the visual tokens
+  std::vector<float> pixels;  // preprocessed CHW, empty = no image
+  bool have_encoding = false;
+  ImageEncoding enc;
+  double last_encode_ms = 0;
+  bool debug = false;
+  std::map<std::string, DebugTensor> records;
+  Scratch scratch;
+  std::vector<float> buf_x, buf_h, buf_qkv, buf_attn, buf_gu, buf_tmp;
+  double npu_busy_ms = 0, cpu_busy_ms = 0, prefill_wall_ms = 0;
+  int64_t dbg_start = 0, dbg_rows = 0;
+
+  explicit Session(Model* model);
+  void reset();
+  void record(const std::string& name, const float* data, std::vector<int64_t> shape);
+  void encode_image();  // fills enc (ViT, projector, compression)
+  // Runs ids (image token expanded) and returns the last position's logits.
+  void eval(const int32_t* ids, size_t n, std::vector<float>* logits);
+  // Runs precomputed embeddings rows [T, D] at n_past (chunked). Fills logits of the last row.
+  void forward_embeds(const float* x, int64_t T, std::vector<float>* logits);
+};
+
+// ViT forward up to the feature layer; writes the [CLS]-attention head means of the requested blocks.
+void vision_forward(Model& m, Session& s, const float* pixels, std::vector<float>* hidden,
+                    const std::vector<int>& attn_blocks, std::map<int, std::vector<float>>* cls_attn);
+// Visual token compression (docs/tokens.md). feats [P, Dv] patch features; returns projected tokens.
+void compress_tokens(Model& m, Session& s, const float* feats, int64_t P, const std::map<int, std::vector<float>>& attn,
+                     int64_t k, std::vector<float>* embeds, std::vector<int32_t>* index);
+std::vector<int> token_blocks(const Config& cfg);  // ViT blocks whose [CLS] attention the method needs
+void project_tokens(Model& m, Session& s, const float* feats, int64_t n, std::vector<float>* out);
+
+// Two-lane chunked prefill (scheduler.cpp). x [T, D] in/out is the residual stream of the new rows.
+void prefill_two_lane(Model& m, Session& s, float* x, int64_t T);
+void record_rows(Session& s, const std::string& name, int64_t row0, const float* data, int64_t rows, int64_t cols,
+                 int64_t total_rows);
+// Sequential prefill/decode of one chunk (all work on m.pool).
+void forward_chunk(Model& m, Session& s, float* x, int64_t T, bool decode);
+
+}  // namespace edgemm
