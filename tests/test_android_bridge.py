@@ -114,7 +114,7 @@ def test_callback_exception_and_stat_contracts_match():
     kt_all = "\n".join(p.read_text() for p in (APP / "app/src/main/java/dev/edgemm/demo").glob("*.kt"))
     cpp = CPP.read_text()
     assert '"onToken", "(Ljava/lang/String;I)Z"' in cpp
-    assert re.search(r"fun interface TokenListener\s*\{\s*fun onToken\(piece: String, tokenId: Int\): Boolean", kt_all)
+    assert re.search(r"interface TokenListener\s*\{\s*fun onToken\(piece: String, tokenId: Int\): Boolean", kt_all)
     assert re.search(r"boolean onToken\(String piece, int tokenId\)", (HARNESS / "TokenListener.java").read_text())
     assert '"dev/edgemm/demo/EdgemmException"' in cpp and '"(ILjava/lang/String;)V"' in cpp
     assert re.search(r"class EdgemmException\(val status: Int, message: String\)", kt_all)

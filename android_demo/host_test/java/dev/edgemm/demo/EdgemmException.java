@@ -2,6 +2,7 @@ package dev.edgemm.demo;
 
 /** Host twin of the Kotlin EdgemmException (EdgemmNative.kt): the JNI bridge constructs it by (int, String). */
 public class EdgemmException extends Exception {
+    private static final long serialVersionUID = 1L;
     public final int status;
 
     public EdgemmException(int status, String message) {

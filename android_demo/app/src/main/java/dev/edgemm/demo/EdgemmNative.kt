@@ -61,12 +61,12 @@ object EdgemmNative {
         topK: Int,
         topP: Float,
         seed: Long,
-        listener: TokenListener,
+        listener: TokenListener
     ): DoubleArray
 }
 
-/** Receives each generated token's text; return false to stop the answer. */
-fun interface TokenListener {
+/** Receives each generated token's text (on the thread that called generate); return false to stop the answer. */
+interface TokenListener {
     fun onToken(piece: String, tokenId: Int): Boolean
 }
 

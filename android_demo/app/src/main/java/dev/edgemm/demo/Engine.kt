@@ -81,7 +81,9 @@ class Engine private constructor(private var model: Long, private var session: L
     fun generate(prompt: String, options: GenerateOptions, onPiece: (String) -> Boolean): AnswerStats {
         val stats = EdgemmNative.generate(
             session, prompt, options.maxNewTokens, options.temperature, options.topK, options.topP, options.seed,
-            TokenListener { piece, _ -> onPiece(piece) },
+            object : TokenListener {
+                override fun onToken(piece: String, tokenId: Int): Boolean = onPiece(piece)
+            }
         )
         return AnswerStats.of(stats)
     }
