@@ -34,10 +34,10 @@ PRECISIONS = {
     "onnxruntime": ("fp32", "int8", "int4"),
     "executorch": ("8da8w", "8da4w", "fp32"),
     "llamacpp": ("q8_0", "q4_0", "f16"),
-    "native": ("w8a8", "int4"),
+    "native": ("w8a8-int4", "int8", "fp32"),
 }
 DEFAULT_PRECISIONS = {"torch": ("fp32", "bf16"), "onnxruntime": ("fp32", "int8", "int4"), "executorch": ("8da8w", "8da4w"),
-                      "llamacpp": ("q8_0", "q4_0"), "native": ("w8a8", "int4")}
+                      "llamacpp": ("q8_0", "q4_0"), "native": ("w8a8-int4", "int8")}
 FORMAT_OF = {"onnxruntime": "onnx", "executorch": "executorch", "llamacpp": "gguf", "native": "native"}
 
 _ONNX_WHY = ("edgemm's ONNX exporter writes single-file graphs: the fp32 decoder would be ~7.3 GB, past protobuf's 2 GB "
@@ -84,6 +84,14 @@ def native_status() -> str | None:
 
     if importlib.util.find_spec(ADAPTERS["native"]) is None:
         return "the native runtime adapter (edgemm.runtimes.native_runtime) does not exist yet"
+    try:
+        from edgemm import _native
+
+        _native.library()
+    except ImportError as e:
+        return f"the native binding cannot be imported ({e})"
+    except EdgemmError as e:
+        return str(e)
     return None
 
 
@@ -144,7 +152,7 @@ class Bench:
     def _entry(self, runtime: str, precision: str, layers: int | None) -> tuple[Path, dict]:
         cfg = preset_config(self.preset, text_layers=layers)
         key = {"config": cfg.to_dict(), "runtime": runtime, "precision": precision, "seed": self.seed,
-               "token_compression": self.token_compression if runtime in ("onnxruntime", "executorch") else None,
+               "token_compression": self.token_compression if runtime in ("onnxruntime", "executorch", "native") else None,
                "edgemm": __version__, "sources": _source_hash(runtime)}
         key = json.loads(json.dumps(key))  # as stored (tuples become lists)
         name = f"{runtime}-{precision}" + (f"-L{layers}" if layers is not None else "")
@@ -220,14 +228,17 @@ class Bench:
             layer_sets, why = list(scaled[0]), scaled[1]
         else:
             layer_sets, why = [None], None
-        runs, exports = [], []
+        runs, exports, wbytes = [], [], []
         for layers in layer_sets:
             exp = None
             if runtime != "torch":
                 exp = self.ensure_export(runtime, precision, layers)
                 if "error" in exp:
                     return {**base, "status": "error", "reason": f"export failed: {exp['error']}", "text_layers": layers}
-                exports.append({k: exp.get(k) for k in ("export_s", "build_s", "pruned_export_s", "export_peak_rss_mb", "cached")})
+                exports.append({k: exp.get(k) for k in ("export_s", "build_s", "pruned_export_s", "export_peak_rss_mb", "cached",
+                                                        "export_options") if k in exp})
+                if exp.get("decode_weight_bytes"):
+                    wbytes.append(exp["decode_weight_bytes"])
             self.log(f"measuring {runtime} {precision}" + (f" ({layers} text layers)" if layers else "") + " ...")
             r = self._run(runtime, precision, layers, exp)
             if "error" in r:
@@ -247,7 +258,10 @@ class Bench:
             out["note"] = f"layer-scaled from {layer_sets[0]} and {layer_sets[1]} text layers: {why}"
             out["runs_by_layers"] = {str(n): r for n, r in zip(layer_sets, runs)}
         cfg = preset_config(self.preset, text_layers=self.text_layers)
-        out.update(fractions(out, cfg, self.threads, runtime, precision))
+        wb = None
+        if len(wbytes) == len(layer_sets):
+            wb = wbytes[0] if len(wbytes) == 1 else _lin(wbytes[0], wbytes[1], layer_sets[0], layer_sets[1], self.cfg.text.num_layers)
+        out.update(fractions(out, cfg, self.threads, runtime, precision, weight_bytes=wb))
         return out
 
 

@@ -31,6 +31,7 @@ WEIGHT_BYTES = {
     ("llamacpp", "q8_0"): (34 / 32, 34 / 32, 2),  # KV cache f16 (llama.cpp's default)
     ("llamacpp", "q4_0"): (18 / 32, 34 / 32, 2),  # the exporter keeps the output matrix at Q8_0
 }
+# native: the weights come from the model file (edgemm.bench.worker.native_decode_bytes); KV cache fp32
 
 
 def linear_macs_per_token(t) -> int:
@@ -50,21 +51,22 @@ def int8_peak_gmacs(threads: int) -> float:
     return INT8_GMACS_PER_CORE * max(1, min(threads, MAX_CORES))
 
 
-def decode_bytes_per_token(t, runtime: str, precision: str, context: float) -> float | None:
-    """Bytes read per decoded token at an average KV context; None for an unknown storage type."""
+def decode_bytes_per_token(t, runtime: str, precision: str, context: float, weight_bytes: float | None = None) -> float | None:
+    """Bytes read per decoded token at an average KV context; None for an unknown storage type.
+    `weight_bytes` (measured from the exported file) replaces the table's weights when given."""
     key = (runtime, precision)
-    if key not in WEIGHT_BYTES:
+    if key not in WEIGHT_BYTES and weight_bytes is None:
         return None
-    wb, hb, kvb = WEIGHT_BYTES[key]
+    wb, hb, kvb = WEIGHT_BYTES.get(key, (None, None, 4))
     d = t.hidden_size
     per_layer = d * t.num_heads * t.head_dim + 2 * d * t.num_kv_heads * t.head_dim + t.num_heads * t.head_dim * d \
         + 3 * d * t.intermediate_size
-    weights = t.num_layers * per_layer * wb + d * t.vocab_size * hb
+    weights = weight_bytes if weight_bytes is not None else t.num_layers * per_layer * wb + d * t.vocab_size * hb
     kv = context * t.num_layers * 2 * t.num_kv_heads * t.head_dim * kvb
     return weights + kv
 
 
-def fractions(result: dict, cfg, threads: int, runtime: str, precision: str) -> dict:
+def fractions(result: dict, cfg, threads: int, runtime: str, precision: str, weight_bytes: float | None = None) -> dict:
     """int8_peak_fraction per prompt length and bandwidth_fraction, from a run's measured rates."""
     t = cfg.text
     out: dict = {"int8_peak_fraction": {}, "bandwidth_fraction": None}
@@ -76,7 +78,7 @@ def fractions(result: dict, cfg, threads: int, runtime: str, precision: str) -> 
     dec = result.get("decode_tok_s")
     ctx = result.get("decode_context_avg")
     if dec and ctx is not None:
-        b = decode_bytes_per_token(t, runtime, precision, ctx)
+        b = decode_bytes_per_token(t, runtime, precision, ctx, weight_bytes)
         if b is not None:
             out["bandwidth_fraction"] = round(b * dec / (READ_BANDWIDTH_GBS * 1e9), 4)
             out["decode_bytes_per_token"] = int(b)

@@ -250,7 +250,48 @@ class LlamaCppRunner(Runner):
         return {"image_encode_ms": s["image_encode_ms"], "ttft_ms": s["ttft_ms"], "visual_tokens": k}
 
 
-RUNNERS = {"torch": TorchRunner, "onnxruntime": OnnxRunner, "executorch": ExecuTorchRunner, "llamacpp": LlamaCppRunner}
+class NativeRunner(Runner):
+    """edgemm's own engine through edgemm.runtimes (native_runtime) and its stepping API (_native.Session.eval)."""
+
+    def __init__(self, job: dict):
+        from edgemm import runtimes
+
+        self.full = runtimes.load(job["bundle"], runtime="native", threads=job["threads"])
+        self.sess = self.full
+        self.config = self.full.config
+        self.pruned = None
+        if job.get("pruned_artifact"):
+            self.pruned = runtimes.load(job["pruned_artifact"], runtime="native", threads=job["threads"])
+
+    def _argmax(self, logits) -> int:
+        return int(logits.argmax())
+
+    def prefill(self, ids):
+        s = self.full.session
+        s.reset()
+        return self._argmax(s.eval(ids))
+
+    def decode(self, tok, pos):
+        return self._argmax(self.full.session.eval([tok]))
+
+    def has_pruned(self):
+        return self.pruned is not None
+
+    def ttft(self, image, pruned):
+        sess = self.pruned if pruned else self.full
+        sess.generate(image, QUESTION, max_new_tokens=1)
+        s = sess.stats
+        k = s.get("visual_tokens") or (sess.manifest.get("num_visual_tokens") or self.config.num_visual_tokens)
+        return {"image_encode_ms": s["image_encode_ms"], "ttft_ms": s["ttft_ms"], "visual_tokens": int(k)}
+
+
+RUNNERS = {"torch": TorchRunner, "onnxruntime": OnnxRunner, "executorch": ExecuTorchRunner, "llamacpp": LlamaCppRunner,
+           "native": NativeRunner}
+
+# export options per runtime besides the precision: the native exporter calibrates its W8A8 activation
+# scales on shapes questions; with random weights the scales' quality does not matter for speed, so a
+# small calibration set keeps the export short.
+EXPORT_OPTIONS = {"native": {"calib_n": 8}}
 
 
 # ------------------------------------------------------------------------------------ measuring
@@ -333,18 +374,54 @@ def export_job(job: dict) -> dict:
     build_s = time.perf_counter() - t0
     rt, prec = job["runtime"], job["precision"]
     fmt = {"onnxruntime": "onnx", "executorch": "executorch", "llamacpp": "gguf", "native": "native"}[rt]
-    opts = {"precision": prec}
+    opts = {"precision": prec, **EXPORT_OPTIONS.get(rt, {})}
     t1 = time.perf_counter()
     export(loaded, fmt, out / "bundle", **opts)
     export_s = time.perf_counter() - t1
-    res = {"build_s": round(build_s, 2), "export_s": round(export_s, 2)}
+    res = {"build_s": round(build_s, 2), "export_s": round(export_s, 2), "export_options": opts}
     vt = job.get("token_compression")
     if vt and rt in ("onnxruntime", "executorch"):
         t2 = time.perf_counter()
         res.update(export_pruned_vision(loaded, rt, prec, vt, out))
         res["pruned_export_s"] = round(time.perf_counter() - t2, 2)
+    elif vt and rt == "native":  # the engine applies the manifest's token compression: a second bundle with it set
+        from edgemm.tokens import set_visual_tokens, visual_token_count
+
+        t2 = time.perf_counter()
+        set_visual_tokens(loaded.model, vt)
+        try:
+            k = visual_token_count(loaded.config)
+            export(loaded, fmt, out / "pruned_bundle", **opts)
+        finally:
+            set_visual_tokens(loaded.model, None)
+        res.update(pruned_artifact="pruned_bundle", pruned_tokens=k)
+        res["pruned_export_s"] = round(time.perf_counter() - t2, 2)
+    if rt == "native":
+        res["decode_weight_bytes"] = native_decode_bytes(out / "bundle")
     res["export_peak_rss_mb"] = peak_rss_mb()
     return res
+
+
+def native_decode_bytes(bundle: Path) -> int:
+    """Bytes of the weights one decode step reads from a native model file: per text linear layer its
+    decode set (`decode.` prefix) when it has one, else its main tensors; plus the lm_head."""
+    from gguf import GGUFReader
+
+    from edgemm.export.native import DECODE_PREFIX, model_path
+
+    r = GGUFReader(str(model_path(bundle)))
+    sizes = {t.name: int(t.n_bytes) for t in r.tensors}
+    total = 0
+    mods = {n.rsplit(".", 1)[0] for n in sizes if n.startswith("text.layers.") and (".self_attn." in n or ".mlp." in n)}
+    mods.add("text.lm_head" if any(n.startswith("text.lm_head.") for n in sizes) else "text.embed_tokens")
+    for m in mods:
+        dec = {n: b for n, b in sizes.items() if n.startswith(DECODE_PREFIX + m + ".")}
+        main = {n: b for n, b in sizes.items() if n.startswith(m + ".")}
+        if dec:
+            total += sum(dec.values()) + sum(b for n, b in main.items() if n.endswith(".bias"))
+        else:
+            total += sum(b for n, b in main.items() if not n.endswith((".input_scale", ".outlier_channels")))
+    return total
 
 
 def export_pruned_vision(loaded, runtime: str, precision: str, vt: str, out: Path) -> dict:
