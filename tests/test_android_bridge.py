@@ -235,3 +235,24 @@ def test_jni_bridge_answers_on_a_real_bundle(harness):
     assert errs["missing_model"]["status"] == 2 and "does-not-exist" in errs["missing_model"]["message"]
     assert by["done"], "the harness did not reach the end"
     assert "WARNING" not in stderr, stderr  # -Xcheck:jni complaints (local refs, pending exceptions)
+
+
+@pytest.mark.skipif(shutil.which("kotlinc") is None,
+                    reason="kotlinc not installed (Debian: apt-get install kotlin); the Java twin above ran instead")
+def test_the_kotlin_class_itself_binds_to_the_bridge(harness, tmp_path):
+    """Where a Kotlin compiler exists: compile the app's EdgemmNative.kt unchanged and run the harness against
+    it instead of the Java twin (the JNI symbols must bind to what kotlinc emits)."""
+    classes, libpath = harness
+    jar = tmp_path / "kt.jar"
+    run(["kotlinc", KT, "-include-runtime", "-d", jar], timeout=600)
+    hh = tmp_path / "harness"
+    run(["javac", "-cp", jar, "-d", hh, HARNESS / "HostHarness.java"])
+    image, questions, _ = shapes_case()
+    r = subprocess.run(["java", f"-Djava.library.path={libpath}", "-Xcheck:jni", "-cp", f"{hh}{os.pathsep}{jar}",
+                        "dev.edgemm.demo.HostHarness", str(native_bundle("fp32")), str(image), str(MAX_NEW), questions[0]],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    events = {e["event"]: e for e in map(json.loads, r.stdout.splitlines())}
+    ref = native_reference(str(native_bundle("fp32")), str(image), tuple(questions), MAX_NEW)
+    assert events["answer"]["ids"] == ref[0]["ids"] and events["done"]
+    assert events["cancel"]["stats"]["cancelled"] == 1

@@ -93,7 +93,7 @@ public final class HostHarness {
             c.run();
             System.out.println(obj("event", str("error_case"), "name", str(name), "thrown", "null"));
         } catch (Exception e) {
-            String status = e instanceof EdgemmException ? Integer.toString(((EdgemmException) e).status) : "null";
+            String status = e instanceof EdgemmException ? Integer.toString(((EdgemmException) e).getStatus()) : "null";
             System.out.println(obj("event", str("error_case"), "name", str(name), "thrown",
                     str(e.getClass().getName()), "status", status, "message", str(String.valueOf(e.getMessage()))));
         }
