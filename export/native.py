@@ -427,11 +427,15 @@ def read_model_file(path) -> tuple[dict, str, dict[str, np.ndarray], dict]:
     return config, kv["tokenizer"], tensors, dlayers
 
 
-def reference_model(path):
+def reference_model(path, act_quant: bool = True):
     """The torch EdgeVLM holding exactly the tensors of a native model file (or a bundle's), as a LoadedModel.
 
     Linear layers with a decode set run their main (prefill) weights on multi-token inputs and the decode
-    weights on single-token steps, as the native engine does."""
+    weights on single-token steps, as the native engine does. With `act_quant` (default) every weight-only
+    int4/int8 layer (decode set, or a compressed checkpoint's main set) also quantizes its input as the
+    engine's weight-only kernels do (int8 per block of 32/64/128 inputs, native/README.md "Numeric
+    contracts"), so this is the matching-precision reference. W8A8 layers (W8A8Linear) already compute
+    the engine's integer math."""
     import torch
     from tokenizers import Tokenizer
 
@@ -457,14 +461,25 @@ def reference_model(path):
     main = {k: torch.from_numpy(v.astype(np.float32) if v.dtype == np.float16 and not k.endswith(".scales") else v)
             for k, v in tensors.items() if not k.startswith(DECODE_PREFIX)}
     load_state(model, main, str(path))
+    from edgemm.compress.modules import QuantLinear
+
+    pd_cls, woq_cls = _modules()
+
+    def act(mod):
+        return woq_cls(mod, woq_act_block(mod.group_size)) if act_quant and isinstance(mod, QuantLinear) else mod
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, QuantLinear):
+            set_module(model, name, act(mod))
     for layer, meta in dlayers.items():
         dec = restore_layer(meta, layer)
         sd = {k[len(DECODE_PREFIX) + len(layer) + 1:]: torch.from_numpy(v) for k, v in tensors.items()
               if k.startswith(f"{DECODE_PREFIX}{layer}.")}
+        main_mod = model.get_submodule(layer)
         if dec.bias is not None:
-            sd["bias"] = model.get_submodule(layer).bias.detach().clone()
+            sd["bias"] = main_mod.bias.detach().clone()
         dec.load_state_dict(sd, strict=True)
-        set_module(model, layer, _prefill_decode_linear()(model.get_submodule(layer), dec))
+        set_module(model, layer, pd_cls(main_mod, act(dec)))
     model.eval()
     return LoadedModel(model, processor, f"native-reference:{path}", Path(path).parent)
 
@@ -485,8 +500,26 @@ def model_path(path) -> Path:
     return p
 
 
+def woq_act_block(group: int) -> int:
+    """The engine's activation block for weight-only layers of group size G (native/README.md)."""
+    return 128 if group % 128 == 0 else 64 if group % 64 == 0 else 32
+
+
+def quantize_activations(x, block: int):
+    """The native weight-only kernels' dynamic activation quantization, in float: per row and block of
+    `block` inputs d = amax / 127, q = round_half_even(x * (127 / amax)); -> q * d (zero blocks stay 0)."""
+    import torch
+
+    shape = x.shape
+    xb = x.float().reshape(-1, shape[-1] // block, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    q = torch.round(xb * (127.0 / safe))
+    return torch.where(amax > 0, q * (safe / 127.0), torch.zeros_like(xb)).reshape(shape).to(x.dtype)
+
+
 @functools.lru_cache(maxsize=None)
-def _prefill_decode_linear():
+def _modules():
     from torch import nn
 
     class PrefillDecodeLinear(nn.Module):
@@ -500,12 +533,27 @@ def _prefill_decode_linear():
         def forward(self, x):
             return (self.decode if x.dim() >= 2 and x.shape[-2] == 1 else self.prefill)(x)
 
-    return PrefillDecodeLinear
+    class WoqActLinear(nn.Module):
+        """A weight-only layer (QuantLinear) fed activations quantized as the engine's weight-only kernels
+        quantize them (int8 per block of `block` inputs, dynamic scale): W4A8 / W8A8-dynamic numbers."""
+
+        def __init__(self, inner, block: int):
+            super().__init__()
+            self.inner, self.block = inner, block
+            self.in_features, self.out_features = inner.in_features, inner.out_features
+
+        def dequantized_weight(self):
+            return self.inner.dequantized_weight()
+
+        def forward(self, x):
+            return self.inner(quantize_activations(x, self.block))
+
+    return PrefillDecodeLinear, WoqActLinear
 
 
 def __getattr__(name):  # torch stays unimported until the reference is needed
-    if name == "PrefillDecodeLinear":
-        return _prefill_decode_linear()
+    if name in ("PrefillDecodeLinear", "WoqActLinear"):
+        return dict(zip(("PrefillDecodeLinear", "WoqActLinear"), _modules()))[name]
     raise AttributeError(name)
 
 

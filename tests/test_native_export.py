@@ -85,7 +85,7 @@ def test_every_tensor_round_trips_with_contract_dtypes(bundles, tiny, preset):
     """Names/shapes are the checkpoint's (+ decode.*), dtypes as the contract says, values bit-exact."""
     r = reader(bundles[preset])
     ref = nx.reference_model(bundles[preset])
-    sd = {k: v for k, v in state_dict_for_saving(ref.model).items()}
+    sd = {k.replace(".inner.", "."): v for k, v in state_dict_for_saving(ref.model).items()}
     got = {t.name: t for t in r.tensors}
     expect = {}
     for k, v in sd.items():
@@ -136,7 +136,15 @@ def test_reference_model_dispatches_prefill_and_decode_weights(bundles, tiny):
     lin = ref.text.layers[0].mlp.up_proj
     x = torch.randn(2, 5, 64)
     assert torch.equal(lin(x), lin.prefill(x)) and torch.equal(lin(x[:, :1]), lin.decode(x[:, :1]))
-    assert type(lin.prefill).__name__ == "W8A8Linear" and type(lin.decode).__name__ == "QuantLinear"
+    assert type(lin.prefill).__name__ == "W8A8Linear" and type(lin.decode).__name__ == "WoqActLinear"
+    assert type(lin.decode.inner).__name__ == "QuantLinear" and lin.decode.block == 32
+    # the decode input is quantized as the engine's weight-only kernels do: int8 per block of 32
+    x1 = x[:, :1]
+    xq = nx.quantize_activations(x1, 32)
+    amax = x1.reshape(2, 1, 2, 32).abs().amax(-1, keepdim=True)
+    assert torch.allclose(xq.reshape(2, 1, 2, 32), torch.round(x1.reshape(2, 1, 2, 32) * 127 / amax) * amax / 127)
+    assert torch.equal(lin(x1), lin.decode.inner(xq))
+    assert torch.equal(nx.quantize_activations(torch.zeros(1, 1, 64), 32), torch.zeros(1, 1, 64))
     # fp32: the reference is the source model itself
     fp = nx.reference_model(bundles["fp32"]).model
     ids = torch.tensor([[1, 5, 3, 7, 9]])
