@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
                                                         help="run a reduced model with this many text layers (labelled; not scaled)"),
               cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="export cache (default $EDGEMM_CACHE/bench or ~/.cache/edgemm/bench)"),
               timeout: Optional[float] = typer.Option(None, "--timeout", help="seconds per export/measure job"),
-              out: Optional[Path] = typer.Option(None, "--out", help="also write the JSON report to this file"),
+              out: Optional[Path] = typer.Option(None, "--out", help="also write the JSON report to this file (rewritten after each runtime/precision)"),
               chart: Optional[Path] = typer.Option(None, "--chart", help="write a PNG chart comparing the runtimes"),
               load: Optional[List[Path]] = typer.Option(None, "--load", help="render saved JSON reports (no measuring); repeatable"),
               as_json: bool = typer.Option(False, "--json", help="print the JSON report")):
@@ -69,14 +69,17 @@ def register(app: typer.Typer) -> None:
                 raise EdgemmError("--prompt-tokens is empty")
             vt = None if token_compression.strip().lower() in ("", "none") else token_compression
             log = (lambda m: None) if as_json else (lambda m: err_c.print(m, highlight=False))
-            rep = run_bench(preset, rts, _csv(precision) or None, log=log, threads=threads, prompt_tokens=ns,
+            def save(partial):
+                if out is not None:
+                    from ..fileio import write_json
+
+                    write_json(out, partial)
+
+            rep = run_bench(preset, rts, _csv(precision) or None, log=log, on_result=save, threads=threads, prompt_tokens=ns,
                             decode_tokens=decode_tokens, decode_context=decode_context, repeats=repeats,
                             token_compression=vt, cache_dir=cache_dir, ttft=ttft, text_layers=text_layers, timeout=timeout)
             reports = [rep]
-            if out is not None:
-                from ..fileio import write_json
-
-                write_json(out, rep)
+            save(rep)
         if chart is not None:
             write_chart(reports, chart)
         if as_json:

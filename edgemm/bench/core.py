@@ -59,7 +59,7 @@ def _source_hash(runtime: str) -> str:
     import edgemm.bench.presets as presets
     import edgemm.models.modeling as modeling
 
-    files = [Path(modeling.__file__), Path(presets.__file__), Path(__file__).with_name("worker.py")]
+    files = [Path(modeling.__file__), Path(presets.__file__), Path(__file__).with_name("exporting.py")]
     import edgemm.export as ex
 
     exdir = Path(ex.__file__).parent
@@ -291,7 +291,7 @@ def extrapolate(runs: list[dict], layers: list[int], target: int) -> dict:
     return out
 
 
-def run_bench(preset: str, runtimes: list[str], precisions: list[str] | None = None, log=None, **kw) -> dict:
+def run_bench(preset: str, runtimes: list[str], precisions: list[str] | None = None, log=None, on_result=None, **kw) -> dict:
     """Measure every (runtime, precision) pair; precisions None = each runtime's defaults, else the ones
     each runtime has among `precisions` (a precision no asked runtime has is an error)."""
     for r in runtimes:
@@ -308,8 +308,16 @@ def run_bench(preset: str, runtimes: list[str], precisions: list[str] | None = N
         ps = [p for p in PRECISIONS[r] if p in precisions] if precisions else list(DEFAULT_PRECISIONS[r])
         pairs += [(r, p) for p in ps]
     t0 = time.time()
-    results = [b.one(r, p) for r, p in pairs]
-    ttft_speedups(results)
+    results: list[dict] = []
+    for r, p in pairs:
+        results.append(b.one(r, p))
+        ttft_speedups(results)
+        if on_result is not None:  # e.g. write the partial report: a long sweep keeps what it measured
+            on_result(_report(b, preset, t0, results))
+    return _report(b, preset, t0, results)
+
+
+def _report(b: "Bench", preset: str, t0: float, results: list[dict]) -> dict:
     return {
         "preset": preset,
         "shapes": describe(b.cfg),
@@ -321,7 +329,7 @@ def run_bench(preset: str, runtimes: list[str], precisions: list[str] | None = N
         "machine": machine_info(),
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
         "wall_s": round(time.time() - t0, 1),
-        "results": results,
+        "results": list(results),
     }
 
 
