@@ -57,28 +57,38 @@ def _lib_names() -> list[str]:
 
 
 def candidate_paths() -> list[Path]:
-    """Where the library is looked for, in order (after $EDGEMM_NATIVE_LIB)."""
+    """Where the library is looked for, in order (after $EDGEMM_NATIVE_LIB): the package directory (where
+    `pip install` puts it; scikit-build-core's editable installs put it under site-packages/edgemm), then
+    the repository's build directories (build/*/, native/build*/), newest file first."""
     here = Path(__file__).resolve().parent
-    dirs = [here]
+    installed = [here]
     pkg = sys.modules.get(__package__ or "edgemm")
     for p in getattr(pkg, "__path__", []) or []:
-        dirs.append(Path(p))
-    for key in ("platlib", "purelib"):  # scikit-build-core editable installs put CMake's files here
+        installed.append(Path(p))
+    for key in ("platlib", "purelib"):
         try:
-            dirs.append(Path(sysconfig.get_paths()[key]) / "edgemm")
+            installed.append(Path(sysconfig.get_paths()[key]) / "edgemm")
         except KeyError:
             pass
     repo = here.parent
-    dirs += sorted((repo / "build").glob("*/")) if (repo / "build").is_dir() else []
-    dirs += [repo / "native" / "build", *sorted((repo / "native").glob("build*/"))]
+    builds = sorted((repo / "build").glob("*/")) if (repo / "build").is_dir() else []
+    builds += sorted((repo / "native").glob("build*/"))
+
+    def files(dirs):
+        out = []
+        for d in dirs:
+            for sub in ("", "lib"):
+                for name in _lib_names():
+                    out.append((d / sub / name) if sub else (d / name))
+        return out
+
+    built = [p for p in files(builds) if p.is_file()]
+    built.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     out, seen = [], set()
-    for d in dirs:
-        for sub in ("", "lib", "src", "src/capi"):
-            for name in _lib_names():
-                p = (d / sub / name) if sub else (d / name)
-                if p not in seen:
-                    seen.add(p)
-                    out.append(p)
+    for p in files(installed) + built:
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
     return out
 
 
