@@ -90,7 +90,7 @@ def native_reference(bundle: str, image: str, questions: tuple[str, ...], max_ne
 
     from edgemm import _native
 
-    model = _native.Model(bundle, n_threads=2, npu_lane=False)  # as the apps load it
+    model = _native.Model(bundle, n_threads=2, npu_lane=True)  # as the apps load it by default
     sess = _native.Session(model)
     sess.set_image_rgb8(np.asarray(Image.open(image).convert("RGB")))
     out = []

@@ -17,7 +17,7 @@ final class EngineHost: ObservableObject {
     @Published var bundles: [URL] = []
     @Published var bundle: URL?
     @Published var threads: Int = 4
-    @Published var npuLane = false
+    @Published var npuLane = true // the two-lane W8A8 prefill: much faster on W8A8 bundles (docs/apps.md)
     @Published var loading = false
     @Published var engineInfo: String?
     @Published var image: UIImage?

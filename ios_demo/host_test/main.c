@@ -257,7 +257,7 @@ int main(int argc, char** argv) {
 
   report_version();
   /* EngineHost.load */
-  if (engine_open(&e, argv[1], 2, 0) != EDGEMM_OK) { free(rgb); return 1; }
+  if (engine_open(&e, argv[1], 2, 1) != EDGEMM_OK) /* the app's default: NPU lane on */ { free(rgb); return 1; }
   printf("{\"event\":\"info\",\"info\":%s}\n", e.info);
   /* EngineHost.ask: the picture once, then the questions */
   if (engine_set_image(&e, rgb, w, h) != EDGEMM_OK) ok = 0;

@@ -33,7 +33,7 @@ public final class HostHarness {
         System.out.println(obj("event", str("version"), "abi", Integer.toString(EdgemmNative.abiVersion()),
                 "version", str(EdgemmNative.version())));
 
-        long model = EdgemmNative.loadModel(bundle, 2, false, 0, 0);
+        long model = EdgemmNative.loadModel(bundle, 2, true, 0, 0); // the app's default: NPU lane on
         String info = EdgemmNative.modelInfo(model);
         System.out.println(obj("event", str("info"), "info", info));
         long session = EdgemmNative.createSession(model);

@@ -19,7 +19,7 @@ data class UiState(
     val bundles: List<File> = emptyList(),
     val bundle: File? = null,
     val threads: Int = 4,
-    val npuLane: Boolean = false,
+    val npuLane: Boolean = true, // the two-lane W8A8 prefill: much faster on W8A8 bundles (docs/apps.md)
     val loading: Boolean = false,
     val engineInfo: String? = null,
     val image: Bitmap? = null,
