@@ -182,3 +182,18 @@ def test_load_bad_input_is_an_edgemm_error(tmp_path):
     (bundle / "manifest.json").write_text("{}")
     with pytest.raises(EdgemmError, match="visual-token setting is fixed"):
         edgemm.load(bundle, visual_tokens="pool:4")
+
+
+def test_chat_on_an_exported_bundle(shapes, demo_answers):
+    """A bundle directory runs in its own runtime (here the C++ engine's fp32 model file: torch's answers)."""
+    from apps_support import native_bundle
+
+    bundle = native_bundle("fp32")
+    img0, q0 = shapes[0]
+    r = _chat([str(bundle), "--json", "--image", str(img0)], [q0, "/stats"])
+    assert r.returncode == 0, r.stderr
+    answer, stats = [json.loads(x) for x in r.stdout.splitlines()]
+    assert answer["answer"] == demo_answers[0]
+    assert stats["stats"]["prefill_tokens"] > 64 and stats["stats"]["ttft_ms"] > 0
+    r = _chat([str(bundle), "--runtime", "onnxruntime"], [q0])
+    assert r.returncode == 1 and "has no artifact for runtime 'onnxruntime'" in r.stderr
