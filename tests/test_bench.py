@@ -97,9 +97,22 @@ def test_fractions_use_real_work():
     (["--prompt-tokens", "4096"], "prompt tokens must be in 1..2040"),
     (["--token-compression", "nosuch:0.5"], "nosuch"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--runtime", "torch", "--precision", "llamacpp:q4_0"], "names runtime 'llamacpp', which --runtime does not include"),
+    (["--runtime", "native", "--precision", "native:q4_0"], "runtime native has no precision 'q4_0'"),
 ])
 def test_bad_input_is_one_line_error(args, msg, capsys, tmp_path):
     assert main(["bench", "--cache-dir", str(tmp_path), *args]) == 1
     err = capsys.readouterr().err
     assert "error:" in err and msg in err.replace("\n", " ")
     assert "Traceback" not in err
+
+
+def test_pinned_precisions_pick_pairs(monkeypatch, tmp_path):
+    from edgemm.bench import core
+
+    seen = []
+    monkeypatch.setattr(core.Bench, "one", lambda self, r, p: seen.append((r, p)) or {"runtime": r, "precision": p, "status": "ok"})
+    rep = core.run_bench("demo", ["torch", "onnxruntime", "native"], ["bf16", "onnxruntime:int8", "native:w8a8-int4"],
+                         cache_dir=tmp_path)
+    assert seen == [("torch", "bf16"), ("onnxruntime", "int8"), ("native", "w8a8-int4")]
+    assert [r["precision"] for r in rep["results"]] == ["bf16", "int8", "w8a8-int4"]

@@ -23,8 +23,9 @@ def register(app: typer.Typer) -> None:
               preset: str = typer.Option("demo", "--preset", help="demo, smolvlm-256m or llava-qwen1.8b"),
               threads: int = typer.Option(2, "--threads", help="CPU threads of every runtime"),
               precision: Optional[str] = typer.Option(None, "--precision",
-                                                      help="comma-separated precisions (default: each runtime's: torch fp32,bf16; "
-                                                           "onnxruntime fp32,int8,int4; executorch 8da8w,8da4w; llamacpp q8_0,q4_0)"),
+                                                      help="comma-separated precisions, or RUNTIME:PRECISION to pin one runtime's (default: "
+                                                           "torch fp32,bf16; onnxruntime fp32,int8,int4; executorch 8da8w,8da4w; "
+                                                           "llamacpp q8_0,q4_0; native w8a8-int4,int8)"),
               prompt_tokens: str = typer.Option("512,1024", "--prompt-tokens", help="text-only prefill lengths"),
               decode_tokens: int = typer.Option(32, "--decode-tokens", help="decode steps timed per repeat"),
               decode_context: int = typer.Option(64, "--decode-context", help="prompt length before the timed decode steps"),

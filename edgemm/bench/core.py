@@ -44,8 +44,11 @@ _ONNX_WHY = ("edgemm's ONNX exporter writes single-file graphs: the fp32 decoder
              "limit (int8/int4 are quantized from that file)")
 _ET_WHY = ("the ExecuTorch export deep-copies the fp32 model (2 x 8.5 GB) before torchao quantization and XNNPACK "
            "lowering: past this machine's ~16 GB budget shared with other jobs")
+_NATIVE_WHY = ("the native export holds the fp32 model, a deep copy being W8A8-calibrated and a second deep copy being "
+               "quantized to the decode set at once (~3 x 8.5 GB), past this machine's ~16 GB budget shared with other jobs")
 SCALED = {("llava-qwen1.8b", "onnxruntime"): ((1, 4), _ONNX_WHY),
-          ("llava-qwen1.8b", "executorch"): ((1, 4), _ET_WHY)}
+          ("llava-qwen1.8b", "executorch"): ((1, 4), _ET_WHY),
+          ("llava-qwen1.8b", "native"): ((1, 4), _NATIVE_WHY)}
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -297,16 +300,33 @@ def run_bench(preset: str, runtimes: list[str], precisions: list[str] | None = N
     for r in runtimes:
         if r not in RUNTIMES:
             raise EdgemmError(f"unknown runtime {r!r}; choose one of {', '.join(RUNTIMES)}")
-    if precisions:
+    pinned = {}  # "runtime:precision" entries pin a runtime's precisions
+    for p in precisions or []:
+        if ":" in p:
+            r, q = p.split(":", 1)
+            if r not in runtimes:
+                raise EdgemmError(f"--precision {p!r} names runtime {r!r}, which --runtime does not include")
+            if q not in PRECISIONS[r]:
+                raise EdgemmError(f"runtime {r} has no precision {q!r}; choose one of {', '.join(PRECISIONS[r])}")
+            pinned.setdefault(r, []).append(q)
+    plain = [p for p in precisions or [] if ":" not in p]
+    if plain:
         known = {p for r in runtimes for p in PRECISIONS[r]}
-        bad = [p for p in precisions if p not in known]
+        bad = [p for p in plain if p not in known]
         if bad:
             raise EdgemmError(f"precision {bad[0]!r} is not one of {', '.join(sorted(known))} (for {', '.join(runtimes)})")
     b = Bench(preset, log=log, **kw)
     pairs = []
     for r in runtimes:
-        ps = [p for p in PRECISIONS[r] if p in precisions] if precisions else list(DEFAULT_PRECISIONS[r])
+        if r in pinned:
+            ps = pinned[r]
+        elif precisions:
+            ps = [p for p in PRECISIONS[r] if p in plain]
+        else:
+            ps = list(DEFAULT_PRECISIONS[r])
         pairs += [(r, p) for p in ps]
+    if not pairs:
+        raise EdgemmError("no runtime has any of the precisions asked for")
     t0 = time.time()
     results: list[dict] = []
     for r, p in pairs:
