@@ -69,8 +69,9 @@ final class Engine {
         try Engine.check(edgemm_model_load(bundlePath, &opts, &m))
         var needed = 0
         _ = edgemm_model_info_json(m, nil, 0, &needed) // size query: fails with the size in `needed`
-        var buf = [CChar](repeating: 0, count: max(needed, 1))
-        let st = edgemm_model_info_json(m, &buf, buf.count, &needed)
+        let cap = max(needed, 1)
+        var buf = [CChar](repeating: 0, count: cap)
+        let st = edgemm_model_info_json(m, &buf, cap, &needed)
         if st != EDGEMM_OK {
             let e = Engine.error(st)
             edgemm_model_free(m)
@@ -85,7 +86,7 @@ final class Engine {
         }
         model = m
         session = s
-        info = String(cString: buf)
+        info = buf.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
     }
 
     // Call site 3 (main.c: engine_set_image): RGB bytes, rows of 3 * width; the engine resizes and normalizes.
