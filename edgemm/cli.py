@@ -326,7 +326,7 @@ def train_demo_cmd(out_dir: Optional[Path] = typer.Option(None, "--out", help="w
 def demo(n: int = typer.Option(300, help="questions in the accuracy check (and per stage of the compression story)"),
          seed: int = typer.Option(2024, help="seed of the demo questions"),
          story: bool = typer.Option(True, "--story/--no-story", help="then run a compression recipe stage by stage"),
-         recipe: str = typer.Option("phone-npu", help="the recipe of the compression story"),
+         recipe: str = typer.Option("tiny", help="the recipe of the compression story (tiny: one-shot methods, a few minutes; phone-npu trains MaskLLM masks: tens of minutes on 2 cores)"),
          cache_dir: Optional[Path] = typer.Option(None, help="stage cache of the story (default $EDGEMM_CACHE or ~/.cache/edgemm)"),
          train: bool = typer.Option(False, "--train", help="run a distill stage that is not cached (an hour or more) instead of using demo-small in its place"),
          as_json: bool = typer.Option(False, "--json", help="print JSON")):

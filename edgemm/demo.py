@@ -14,7 +14,7 @@ from .errors import EdgemmError
 
 
 def run_demo(n: int = 300, seed: int = 2024, console: Console | None = None, story: bool = True,
-             recipe: str = "phone-npu", cache_dir: str | Path | None = None, train: bool = False) -> dict:
+             recipe: str = "tiny", cache_dir: str | Path | None = None, train: bool = False) -> dict:
     import torch
 
     from . import runtimes
@@ -107,7 +107,7 @@ def shipped_distilled(model: str, rec) -> dict:
     return {}
 
 
-def run_story(model: str = "demo", recipe: str = "phone-npu", cache_dir: str | Path | None = None, n: int = 300,
+def run_story(model: str = "demo", recipe: str = "tiny", cache_dir: str | Path | None = None, n: int = 300,
               console: Console | None = None, train: bool = False) -> dict:
     """Run a shipped recipe on the demo model (cached stage by stage), evaluating after every stage on the
     first n held-out questions, and tell what each stage bought.
@@ -182,7 +182,8 @@ def run_story(model: str = "demo", recipe: str = "phone-npu", cache_dir: str | P
             f"{base['prefill_flops'] / last['prefill_flops']:.1f}x fewer prefill FLOPs{kept} "
             f"(story took {wall:.0f} s; rerun to reuse the cache, or delete {out} to recompute).")
         cached = [r["stage"] for r in rows if r.get("cached")]
-        shipped_rows = [r["stage"] for r in rows if "prebuilt" in (r.get("info") or {})]
+        shipped_rows = [r["stage"] for r in rows if "prebuilt" in (r.get("info") or {})
+                        and r["info"]["prebuilt"] != str(builtin_path("demo-small"))]
         if cached:
             say(f"cached from an earlier run: {', '.join(cached)}")
         if shipped_rows:
