@@ -134,7 +134,8 @@ typedef struct {
   double ttft_ms;         /* call start -> first generated token available (encode + prefill + 1 step) */
   int32_t visual_tokens;  /* visual tokens in the prompt (after compression) */
   int32_t prefill_tokens; /* prompt length in tokens (visual tokens included) */
-  int32_t decode_tokens;  /* generated tokens (EOS included if produced) */
+  int32_t decode_tokens;  /* single-token decode steps run (decode tok/s = decode_tokens / decode_ms); the
+                             first generated token comes from the prefill */
   double npu_lane_busy;   /* fraction of prefill wall time the NPU lane was busy */
   double cpu_lane_busy;   /* fraction of prefill wall time the CPU lane was busy */
 } edgemm_stats;
@@ -173,8 +174,9 @@ EDGEMM_API edgemm_status edgemm_session_n_past(const edgemm_session* session, in
  * flags == 0 stops recording and frees the records. */
 EDGEMM_API edgemm_status edgemm_session_set_debug(edgemm_session* session, int32_t flags);
 /* Copies a recorded tensor: data (may be NULL when cap == 0) gets at most cap floats, *needed the element
- * count; shape (may be NULL) receives up to 4 dims, *ndim (may be NULL) their number. Unknown name ->
- * EDGEMM_ERR_INVALID_ARGUMENT. */
+ * count; shape (may be NULL) receives up to 4 dims, *ndim (may be NULL) their number. cap == 0 is a size
+ * query (returns EDGEMM_OK); 0 < cap < size -> EDGEMM_ERR_INVALID_ARGUMENT. Unknown name ->
+ * EDGEMM_ERR_INVALID_ARGUMENT. Records of the vision side are made when the image is (re-)encoded. */
 EDGEMM_API edgemm_status edgemm_session_get_tensor(const edgemm_session* session, const char* name,
                                                    float* data, size_t cap, size_t* needed,
                                                    int64_t* shape, int32_t* ndim);
