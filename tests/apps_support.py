@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 HEADER_DIR = REPO / "native" / "include"
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
 
-# Questions about the bundled test image (shapes dataset, one image), see shapes_case().
+# Questions about one test picture (shapes dataset), see shapes_case().
 N_QUESTIONS = 3
 
 
@@ -65,20 +65,14 @@ def native_bundle(precision: str = "fp32") -> Path:
 
 @functools.lru_cache(maxsize=None)
 def shapes_case() -> tuple[Path, list[str], list[str]]:
-    """One 64x64 shapes image, N_QUESTIONS questions about it and their dataset answers."""
+    """One 64x64 shapes picture and N_QUESTIONS questions asked about it, with the dataset's answers. Only the
+    first question is the dataset's own question about this picture (truth[0] is its answer); the others are
+    the next records' questions (other kinds: shape, count), asked about the same picture."""
     from edgemm.data import write_shapes
 
-    root = write_shapes(_tmpdir("edgemm-shapes-") / "ds", 40, 31)
+    root = write_shapes(_tmpdir("edgemm-shapes-") / "ds", N_QUESTIONS, 31)
     recs = [json.loads(x) for x in (root / "data.jsonl").read_text().splitlines()]
-    by_image: dict[str, list[dict]] = {}
-    for r in recs:
-        by_image.setdefault(r["image"], []).append(r)
-    # Images carry one question each in the generator; use the first image and questions of the others'
-    # kinds asked about it (color / shape / count phrasing all work on any image).
-    image = root / recs[0]["image"]
-    questions = [r["question"] for r in recs[:N_QUESTIONS]]
-    answers = [r["answer"] for r in recs[:N_QUESTIONS]]
-    return image, questions, answers
+    return root / recs[0]["image"], [r["question"] for r in recs], [r["answer"] for r in recs]
 
 
 @functools.lru_cache(maxsize=None)

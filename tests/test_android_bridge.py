@@ -211,7 +211,7 @@ def test_jni_bridge_answers_on_a_real_bundle(harness):
         assert st["prefill_tokens"] == r["stats"]["prefill_tokens"]
     # The image is encoded once and reused by later questions (set once, asked three times).
     assert answers[0]["stats"]["image_encode_ms"] > 0 and answers[1]["stats"]["image_encode_ms"] == 0
-    assert sum(a == t for a, t in zip([a["answer"] for a in answers], truth)) >= 1  # the demo model answers something right
+    assert answers[0]["answer"] == truth[0]  # the demo model answers the dataset's question about this picture
 
     # 2. Stopping from the listener is a cancel, not an error; a throwing listener's exception reaches Java.
     cancel = by["cancel"][0]

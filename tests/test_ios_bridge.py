@@ -128,7 +128,7 @@ def test_host_program_answers_on_a_real_bundle(host_program, tmp_path, precision
         if precision != "fp32":  # the app's default (NPU lane on) runs the W8A8 prefill on the two-lane scheduler
             assert st["npu_lane_busy"] > 0, st
     assert answers[0]["stats"]["image_encode_ms"] > 0 and answers[1]["stats"]["image_encode_ms"] == 0
-    assert sum(a["text"].strip() == t for a, t in zip(answers, truth)) >= 1
+    assert answers[0]["text"].strip() == truth[0]  # the dataset's own question about this picture
 
     cancel = by["cancel"][0]
     assert cancel["status"] == 7 and len(cancel["ids"]) == 1  # EDGEMM_ERR_CANCELLED after the first token
