@@ -194,6 +194,10 @@ class Chat:
             if not self.interactive:
                 raise
             interrupted = True
+        except BaseException:
+            if pieces and not self.as_json:  # end the half-written answer's line before the error
+                (self.out.file if self.interactive else self.out_raw).write("\n")
+            raise
         finally:
             close = getattr(stream, "close", None)
             if close is not None:

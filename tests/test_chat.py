@@ -197,3 +197,40 @@ def test_chat_on_an_exported_bundle(shapes, demo_answers):
     assert stats["stats"]["prefill_tokens"] > 64 and stats["stats"]["ttft_ms"] > 0
     r = _chat([str(bundle), "--runtime", "onnxruntime"], [q0])
     assert r.returncode == 1 and "has no artifact for runtime 'onnxruntime'" in r.stderr
+
+
+class _FailingSession:
+    """Streams two pieces, then fails like a runtime whose context is full."""
+
+    runtime = "fake"
+    stats: dict = {}
+
+    def generate(self, image, prompt, stream=False, **kw):
+        def gen():
+            yield " half"
+            yield " an answer"
+            if prompt == "fail":
+                raise EdgemmError("native engine: generate: the context is full (512 tokens)")
+
+        return gen()
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_chat_reports_a_failure_in_mid_answer_and_goes_on(as_json):
+    import io
+
+    from edgemm.chat import Chat
+
+    out, err = io.StringIO(), io.StringIO()
+    chat = Chat(_FailingSession(), "fake", {}, out, err, interactive=False, as_json=as_json)
+    assert chat.run_lines(["fail", "fine", "/quit"]) == 1
+    if as_json:
+        lines = [json.loads(x) for x in out.getvalue().splitlines()]
+        assert lines[0] == {"error": "native engine: generate: the context is full (512 tokens)"}
+        assert lines[1]["answer"] == "half an answer"
+    else:
+        assert out.getvalue() == "half an answer\nhalf an answer\n"  # the failed answer's line is ended
+        assert "error: native engine: generate: the context is full (512 tokens)" in err.getvalue()
