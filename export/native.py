@@ -159,8 +159,8 @@ def build_weight_sets(loaded, prefill: str, decode: str | None, group_size: int 
     from edgemm.models.checkpoint import state_dict_for_saving
 
     src = loaded.model
-    compressed = bool(_packed_formats(src))
-    main = src
+    fm = _packed_formats(src)  # the checkpoint's packed layers: name -> int4 | int8 | w8a8
+    compressed = bool(fm)
     loop = None
 
     def calibration():
@@ -171,52 +171,54 @@ def build_weight_sets(loaded, prefill: str, decode: str | None, group_size: int 
             loop = shapes_forward_loop(loaded.processor, n=calib_n)
         return loop
 
-    text_float = [n for n, m in src.named_modules() if isinstance(m, nn.Linear) and n.startswith("text.layers.")]
-    decode_src = None  # the model whose text linears the decode set quantizes (float weights)
+    text_names = [n for n, m in src.named_modules()
+                  if n.startswith("text.layers.") and (isinstance(m, nn.Linear) or n in fm)]
+    text_float = [n for n in text_names if n not in fm]
     if compressed:
-        fm = _packed_formats(src)
         notes(f"native: the checkpoint is already compressed ({', '.join(sorted(set(fm.values())))}); its packed "
-              f"tensors are mapped verbatim (prefill={prefill!r} applies to float layers only)")
-        w8a8_text = [n for n, f in fm.items() if f == "w8a8" and n.startswith("text.layers.")]
-        if decode and w8a8_text:
-            decode_src = _dequantized_copy(src, w8a8_text)
-            notes(f"native: the {decode} decode set of {len(w8a8_text)} W8A8 layers is quantized from their int8 "
-                  f"weights (dequantized), not from float weights")
+              f"tensors are mapped verbatim" + (f", its {len(text_float)} float LLM layers get the {prefill} prefill "
+                                                f"set" if text_float and prefill == "w8a8" else ""))
+    main = src
     if prefill == "w8a8" and (text_float or vision == "w8a8"):
-        include = [TEXT_LINEARS] if text_float else []
+        include = list(text_float)
         if vision == "w8a8":
-            include += ["vision.*", "projector.*"]
-        if decode and text_float and decode_src is None:
-            decode_src = src
+            include += [n for n, m in src.named_modules() if isinstance(m, nn.Linear) and n.startswith(("vision.", "projector."))]
         main = copy.deepcopy(src)
-        with torch.no_grad():
-            apply(main, W8A8Config(include=include), forward_loop=calibration())
+        if include:
+            with torch.no_grad():
+                apply(main, W8A8Config(include=include, exclude=[]), forward_loop=calibration())
     elif vision == "w8a8":
         raise EdgemmError("native: vision='w8a8' needs the w8a8 prefill set")
-    elif decode and text_float and prefill == "fp32":
-        decode_src = src
 
+    # The decode set covers every LLM linear or none (the engine fuses q/k/v and gate/up): layers that
+    # prefill in float or W8A8 are quantized to the decode format (from their float weights; W8A8 layers
+    # of the checkpoint from their dequantized int8 weights); weight-only layers are copied as they are.
     decode_layers: dict[str, dict] = {}
     decode_tensors: dict[str, np.ndarray] = {}
-    if decode and decode_src is not None:
-        names = [n for n, m in decode_src.named_modules() if isinstance(m, nn.Linear) and n.startswith("text.layers.")]
-        if names:
-            dq = copy.deepcopy(decode_src)
-            gs = group_size if decode == "int4" else 0
-            bits = 4 if decode == "int4" else 8
-            cls = GPTQConfig if decode_method == "gptq" else RTNConfig
-            conf = cls(bits=bits, group_size=gs, include=names, exclude=[])
-            with torch.no_grad():
-                apply(dq, conf, forward_loop=calibration() if decode_method == "gptq" else None)
-            for n in names:
-                mod = dq.get_submodule(n)
-                decode_layers[n] = mod.metadata()
-                for k in ("qweight", "scales", "zeros"):
-                    t = getattr(mod, k, None)
-                    if isinstance(t, torch.Tensor):
-                        decode_tensors[f"{DECODE_PREFIX}{n}.{k}"] = t.detach().cpu().numpy()
-            _check_sparse_decode(main, dq, names, cfg=main.config)
-    elif decode and not decode_layers and compressed:
+    main_fmt = _packed_formats(main)
+    needs = [n for n in text_names if main_fmt.get(n) in (None, "w8a8")] if decode else []
+    if needs:
+        w8 = [n for n in needs if fm.get(n) == "w8a8"]
+        base = _dequantized_copy(src, w8) if w8 else src
+        if w8:
+            notes(f"native: the {decode} decode set of {len(w8)} W8A8 layers is quantized from their int8 weights "
+                  f"(dequantized), not from float weights")
+        dq = copy.deepcopy(base)
+        gs = group_size if decode == "int4" else 0
+        bits = 4 if decode == "int4" else 8
+        cls = GPTQConfig if decode_method == "gptq" else RTNConfig
+        with torch.no_grad():
+            apply(dq, cls(bits=bits, group_size=gs, include=needs, exclude=[]),
+                  forward_loop=calibration() if decode_method == "gptq" else None)
+        for n in text_names:
+            mod = dq.get_submodule(n) if n in needs else src.get_submodule(n)
+            decode_layers[n] = mod.metadata()
+            for k in ("qweight", "scales", "zeros"):
+                t = getattr(mod, k, None)
+                if isinstance(t, torch.Tensor):
+                    decode_tensors[f"{DECODE_PREFIX}{n}.{k}"] = t.detach().cpu().numpy()
+        _check_sparse_decode(main, dq, needs, cfg=main.config)
+    elif decode and compressed:
         notes("native: no decode set: the LLM's packed layers already are weight-only (decode uses the main set)")
 
     main.config.validate()
