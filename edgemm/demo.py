@@ -59,7 +59,55 @@ def run_demo(n: int = 300, seed: int = 2024, console: Console | None = None, sto
     result = {"model": "demo", "examples": rows, "eval": rep, "load_s": round(load_s, 3)}
     if story:
         result["story"] = run_story("demo", recipe, cache_dir, n=n, console=console, train=train)
+        if result["story"].get("final_model"):
+            result["device"] = run_on_device(result["story"]["final_model"], shown, console=console)
     return result
+
+
+def run_on_device(checkpoint: str | Path, shown, console: Console | None = None) -> dict:
+    """The last step of the story: export the compressed model for the C++ engine (the file the phone
+    apps load) and answer the same questions with it, beside the torch reference of that checkpoint."""
+    from . import runtimes
+    from .eval import normalize
+    from .export import export
+
+    say = console.print if console else (lambda *a, **k: None)
+    bundle = Path(checkpoint).parent / "bundle-native"
+    t0 = time.perf_counter()
+    if not (bundle / "manifest.json").is_file():
+        import json
+
+        compressed = bool(json.loads((Path(checkpoint) / "config.json").read_text()).get("extras", {}).get("quantization"))
+        # a compressed checkpoint is mapped verbatim; a float one stays float, so both sides run the same weights
+        export(str(checkpoint), "native", bundle, **({} if compressed else {"precision": "fp32"}))
+    export_s = time.perf_counter() - t0
+    out = {"bundle": str(bundle), "export_s": round(export_s, 2), "rows": []}
+    try:
+        native = runtimes.load(str(bundle), runtime="native")
+    except EdgemmError as e:  # e.g. a build without the C++ engine
+        say(f"[yellow]the native engine could not run the exported bundle: {e}[/yellow]")
+        out["error"] = str(e)
+        return out
+    ref = runtimes.load(str(checkpoint))
+    for r in shown.records:
+        a_nat = native.generate(r.pil, r.question, max_new_tokens=8)
+        st = dict(native.stats)
+        a_ref = ref.generate(r.pil, r.question, max_new_tokens=8)
+        out["rows"].append({"question": r.question, "answer": r.answer, "native": a_nat, "torch": a_ref,
+                            "native_ttft_ms": st.get("ttft_ms"), "torch_ttft_ms": ref.stats.get("ttft_ms")})
+    native.close()
+    if console:
+        t = Table(title=f"the compressed model exported for the C++ engine ({bundle}) and run by it")
+        for c in ("question", "expected", "native engine", "torch (same weights)", "native ttft ms", "torch ttft ms"):
+            t.add_column(c, justify="right" if "ms" in c else "left")
+        for r in out["rows"]:
+            t.add_row(r["question"], r["answer"], r["native"], r["torch"], f"{r['native_ttft_ms']:.1f}",
+                      f"{r['torch_ttft_ms']:.1f}")
+        say(t)
+        same = sum(normalize(r["native"]) == normalize(r["torch"]) for r in out["rows"])
+        say(f"native answers equal torch's on {same}/{len(out['rows'])}; export took {export_s:.1f} s. "
+            f"Phones: `edgemm export demo --target android-npu` / `ios`, then docs/apps.md.")
+    return out
 
 
 # --------------------------------------------------------------------------------- compression story
@@ -189,4 +237,5 @@ def run_story(model: str = "demo", recipe: str = "tiny", cache_dir: str | Path |
         if shipped_rows:
             say(f"taken from the shipped distilled student (edgemm/assets/demo-kd, made by `edgemm distill demo "
                 f"--student-config demo-small`): {', '.join(shipped_rows)}")
-    return {"recipe": rec.name, "cache_dir": str(out), "rows": rows, "wall_s": round(wall, 1)}
+    return {"recipe": rec.name, "cache_dir": str(out), "rows": rows, "wall_s": round(wall, 1),
+            "final_model": rep.get("final_model")}
