@@ -531,3 +531,18 @@ def test_partly_compressed_checkpoint_gets_a_complete_decode_set(tiny, tmp_path,
     assert len(dq) == 14
     ref = nx.reference_model(tmp_path / "b")
     _check_errs(_logit_errs(tmp_path / "b", ref, ims, qs), exact=5e-3)
+
+
+@pytest.mark.xfail(strict=True, raises=_native.NativeError,
+                   reason="engine bug (reported): a generated <image> token id is fed back to edgemm_session_eval, which "
+                          "splices the image again (or fails); torch embeds it as a plain token")
+def test_generated_image_token_is_an_ordinary_token(demo_tokenizer, tmp_path, native_lib):
+    m = random_model(cfg32(demo_tokenizer), seed=1)
+    with torch.no_grad():  # an LM head that always predicts the image token (id 3)
+        m.text.lm_head.weight.zero_()
+        m.text.lm_head.weight[3] = 1.0
+    lm = LoadedModel(m, Processor(demo_tokenizer, m.config), "image-token")
+    export(lm, "native", tmp_path / "b", precision="fp32")
+    im = np.zeros((32, 32, 3), np.uint8)
+    want = runtimes.load(lm).generate(im, "what color?", max_new_tokens=4)
+    assert open_native(tmp_path / "b").generate(im, "what color?", max_new_tokens=4) == want
