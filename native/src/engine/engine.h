@@ -4,6 +4,7 @@
 #pragma once
 
 #include <chrono>
+#include <cstdlib>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -163,7 +164,11 @@ struct ImageEncoding {
 struct Session {
   Model* m = nullptr;
   // KV cache [layer][kv_head][max_context][head_dim]
-  std::vector<float> kcache, vcache;
+  struct FreeDeleter {
+    void operator()(float* p) const { std::free(p); }
+  };
+  // calloc'ed: zero, and (large allocations) backed by untouched pages until positions fill
+  std::unique_ptr<float[], FreeDeleter> kcache, vcache;
   int64_t n_past = 0;
   bool image_used = false;  // the current context already holds the visual tokens
   std::vector<float> pixels;  // preprocessed CHW, empty = no image

@@ -49,8 +49,9 @@ static void activation(const std::string& act, float* x, int64_t n, ThreadPool* 
 Session::Session(Model* model) : m(model) {
   const TextCfg& t = m->cfg.t;
   size_t n = size_t(t.layers) * t.kv_heads * size_t(m->max_context) * t.head_dim;
-  kcache.assign(n, 0.f);
-  vcache.assign(n, 0.f);
+  kcache.reset(static_cast<float*>(std::calloc(n, sizeof(float))));
+  vcache.reset(static_cast<float*>(std::calloc(n, sizeof(float))));
+  if (!kcache || !vcache) fail(EDGEMM_ERR_OUT_OF_MEMORY, "cannot allocate the KV cache (" + std::to_string(2 * n * 4 >> 20) + " MiB)");
 }
 
 void Session::reset() {
