@@ -49,6 +49,10 @@ def sweep(model: str, methods: list[str], keeps: list[str], data: str, limit: in
             rows.append({"method": m, "keep": s.keep, "setting": s.to_dict(), "tokens": visual_token_count(lm.config),
                          "accuracy": rep["accuracy"], "pct_of_uncompressed": 100 * rep["accuracy"] / base["accuracy"] if base["accuracy"] else None,
                          "per_type": rep["per_type"], "questions_per_s": rep["questions_per_s"]})
+            if out:  # partial results after every setting (a long sweep that is interrupted keeps what it measured)
+                write_json(out, {"model": model, "data": ds.name, "n": len(ds), "partial": True,
+                                 "uncompressed": {"accuracy": base["accuracy"], "per_type": base["per_type"]},
+                                 "methods": methods, "keeps": keeps, "rows": rows})
     lm.config.extras.pop("visual_tokens", None)
     if stored:
         lm.config.extras["visual_tokens"] = stored
