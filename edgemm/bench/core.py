@@ -38,6 +38,8 @@ PRECISIONS = {
 }
 DEFAULT_PRECISIONS = {"torch": ("fp32", "bf16"), "onnxruntime": ("fp32", "int8", "int4"), "executorch": ("8da8w", "8da4w"),
                       "llamacpp": ("q8_0", "q4_0"), "native": ("w8a8-int4", "int8")}
+# the dtype of the random model an export starts from (gguf quantizes from bf16 values: half the peak memory)
+MODEL_DTYPE = {"llamacpp": "bf16"}
 FORMAT_OF = {"onnxruntime": "onnx", "executorch": "executorch", "llamacpp": "gguf", "native": "native"}
 
 _ONNX_WHY = ("edgemm's ONNX exporter writes single-file graphs: the fp32 decoder would be ~7.3 GB, past protobuf's 2 GB "
@@ -156,7 +158,7 @@ class Bench:
         cfg = preset_config(self.preset, text_layers=layers)
         key = {"config": cfg.to_dict(), "runtime": runtime, "precision": precision, "seed": self.seed,
                "token_compression": self.token_compression if runtime in ("onnxruntime", "executorch", "native") else None,
-               "edgemm": __version__, "sources": _source_hash(runtime)}
+               "edgemm": __version__, "sources": _source_hash(runtime), "model_dtype": MODEL_DTYPE.get(runtime, "fp32")}
         key = json.loads(json.dumps(key))  # as stored (tuples become lists)
         name = f"{runtime}-{precision}" + (f"-L{layers}" if layers is not None else "")
         return self.cache / name, key
@@ -179,6 +181,7 @@ class Bench:
             shutil.rmtree(d)
         d.mkdir(parents=True)
         job = {"mode": "export", "preset": self.preset, "runtime": runtime, "precision": precision, "text_layers": layers,
+               "model_dtype": MODEL_DTYPE.get(runtime, "fp32"),
                "seed": self.seed, "threads": self.threads, "out": str(d),
                "token_compression": self.token_compression if self.ttft else None}
         res = self._job(job)

@@ -29,7 +29,11 @@ def export_job(job: dict) -> dict:
     out = Path(job["out"])
     cfg = preset_config(job["preset"], text_layers=job.get("text_layers"))
     t0 = time.perf_counter()
-    loaded = build_model(cfg, seed=job.get("seed", 0))
+    # the GGUF writer reads every weight as float32 one tensor at a time: building the model in bf16 halves
+    # the export's peak memory (the 1.8B preset: ~4 GB instead of ~8.5 GB) and changes nothing in the file
+    # but the random values' low bits
+    dtype = torch.bfloat16 if job.get("model_dtype") == "bf16" else None
+    loaded = build_model(cfg, seed=job.get("seed", 0), dtype=dtype)
     build_s = time.perf_counter() - t0
     rt, prec = job["runtime"], job["precision"]
     fmt = {"onnxruntime": "onnx", "executorch": "executorch", "llamacpp": "gguf", "native": "native"}[rt]
