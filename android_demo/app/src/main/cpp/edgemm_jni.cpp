@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "edgemm.h"
@@ -161,14 +162,20 @@ T* handle(JNIEnv* env, jlong h, const char* what) {
 }
 
 struct Listener {
-  JNIEnv* env;
+  JNIEnv* env;  // valid on the thread that called generate() only
   jobject obj;
   jmethodID on_token;
+  std::thread::id owner = std::this_thread::get_id();
   bool java_exception = false;
+  bool wrong_thread = false;
 };
 
 int32_t on_token(const char* piece, int32_t token_id, void* user) {
   auto* l = static_cast<Listener*>(user);
+  if (std::this_thread::get_id() != l->owner) {  // the engine calls back on the caller's thread; never use
+    l->wrong_thread = true;                       // a JNIEnv elsewhere: stop instead
+    return 1;
+  }
   JNIEnv* env = l->env;
   jstring js = from_utf8(env, piece ? piece : "", piece ? std::strlen(piece) : 0);
   if (js == nullptr) { l->java_exception = true; return 1; }
@@ -331,6 +338,10 @@ JNIEXPORT jdoubleArray JNICALL Java_dev_edgemm_demo_EdgemmNative_generate(JNIEnv
   stats.struct_size = sizeof stats;
   edgemm_status st = edgemm_generate(s, p.c_str(), &opts, on_token, &l, &stats);
   if (l.java_exception || env->ExceptionCheck()) return nullptr;  // the listener's exception propagates
+  if (l.wrong_thread) {
+    throw_class(env, "java/lang/IllegalStateException", "the engine called the token callback from another thread");
+    return nullptr;
+  }
   if (st != EDGEMM_OK && st != EDGEMM_ERR_CANCELLED) {
     throw_status(env, st, "generate");
     return nullptr;
