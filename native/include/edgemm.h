@@ -153,7 +153,8 @@ EDGEMM_API edgemm_status edgemm_generate(edgemm_session* session, const char* pr
 EDGEMM_API edgemm_status edgemm_session_reset(edgemm_session* session);
 /* Appends n token ids to the context at positions n_past.. and runs them: n > 1 uses chunked prefill
  * with the prefill weight set, n == 1 the decode weight set. An id equal to config.image_token_id is
- * replaced by the image's visual tokens (an image must be set; at most one per session context).
+ * replaced by the image's visual tokens (an image must be set; at most one such id per call) while the
+ * context does not hold the image yet; after that it is an ordinary token (e.g. a generated one).
  * logits (may be NULL): receives the last position's logits [vocab_size] (cap elements). */
 EDGEMM_API edgemm_status edgemm_session_eval(edgemm_session* session, const int32_t* ids, size_t n,
                                              float* logits, size_t cap);

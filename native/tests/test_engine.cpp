@@ -371,12 +371,17 @@ static void test_end_to_end() {
     CHECK(edgemm_session_get_tensor(s, "text.layer.1", nullptr, 0, &need, shape, &nd) == EDGEMM_OK && shape[1] == 64);
     CHECK(edgemm_session_get_tensor(s, "vision.layer.1", nullptr, 0, &need, shape, &nd) == EDGEMM_OK && shape[0] == 5);
     CHECK(edgemm_session_get_tensor(s, "nope", nullptr, 0, &need, shape, &nd) == EDGEMM_ERR_INVALID_ARGUMENT);
-    // a second image token in the same context is refused; out-of-vocabulary ids
+    // once the context holds the image, an image-token id is an ordinary token (a generated one);
+    // out-of-vocabulary ids are refused
     int32_t img = 3, bad = 999;
-    CHECK(edgemm_session_eval(s, &img, 1, nullptr, 0) == EDGEMM_ERR_INVALID_ARGUMENT);
-    CHECK(edgemm_session_eval(s, &bad, 1, nullptr, 0) == EDGEMM_ERR_INVALID_ARGUMENT);
     int32_t np = 0;
     CHECK(edgemm_session_n_past(s, &np) == EDGEMM_OK && np == int32_t(n) - 1 + 4);
+    CHECK(edgemm_session_eval(s, &bad, 1, nullptr, 0) == EDGEMM_ERR_INVALID_ARGUMENT);
+    CHECK(edgemm_session_eval(s, &img, 1, nullptr, 0) == EDGEMM_OK);
+    CHECK(edgemm_session_n_past(s, &np) == EDGEMM_OK && np == int32_t(n) - 1 + 4 + 1);
+    int32_t two_img[2] = {3, 3};
+    CHECK(edgemm_session_reset(s) == EDGEMM_OK);
+    CHECK(edgemm_session_eval(s, two_img, 2, nullptr, 0) == EDGEMM_ERR_INVALID_ARGUMENT);
     // pixels input must match image_size
     std::vector<float> pix(3 * 16 * 16, 0.1f);
     CHECK(edgemm_session_set_image_pixels(s, pix.data(), 3, 16, 16) == EDGEMM_OK);

@@ -401,7 +401,7 @@ edgemm_status edgemm_generate(edgemm_session* sh, const char* prompt, const edge
         return set_error(EDGEMM_ERR_CONTEXT_FULL, "context full: max_context " + std::to_string(m.max_context) +
                                                       " reached after " + std::to_string(produced) + " generated tokens");
       double t3 = edgemm::now_ms();
-      s.eval(&tok, 1, &logits);
+      s.eval(&tok, 1, &logits, /*splice_image=*/false);
       tok = sample(logits, o, rng);
       st.decode_ms += edgemm::now_ms() - t3;
       st.decode_tokens += 1;

@@ -186,8 +186,10 @@ struct Session {
   void reset();
   void record(const std::string& name, const float* data, std::vector<int64_t> shape);
   void encode_image();  // fills enc (ViT, projector, compression)
-  // Runs ids (image token expanded) and returns the last position's logits.
-  void eval(const int32_t* ids, size_t n, std::vector<float>* logits);
+  // Runs ids and returns the last position's logits. An image-token id is replaced by the visual tokens
+  // when splice_image and the context does not hold the image yet; otherwise it is an ordinary token
+  // (a generated <image> id is embedded like any token, as the torch reference does).
+  void eval(const int32_t* ids, size_t n, std::vector<float>* logits, bool splice_image = true);
   // Runs precomputed embeddings rows [T, D] at n_past (chunked). Fills logits of the last row.
   void forward_embeds(const float* x, int64_t T, std::vector<float>* logits);
 };

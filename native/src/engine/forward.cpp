@@ -333,7 +333,7 @@ void Session::forward_embeds(const float* x_in, int64_t T, std::vector<float>* l
   run_linear(head, hn.data(), 1, D, logits->data(), V, &scratch, pool);
 }
 
-void Session::eval(const int32_t* ids, size_t n, std::vector<float>* logits) {
+void Session::eval(const int32_t* ids, size_t n, std::vector<float>* logits, bool splice_image) {
   const Config& c = m->cfg;
   const int64_t D = c.t.hidden;
   if (n == 0) fail(EDGEMM_ERR_INVALID_ARGUMENT, "no token ids");
@@ -344,18 +344,20 @@ void Session::eval(const int32_t* ids, size_t n, std::vector<float>* logits) {
                                             std::to_string(c.t.vocab) + ")");
     n_img += ids[i] == c.image_token;
   }
-  if (n_img > 1) fail(EDGEMM_ERR_INVALID_ARGUMENT, "a context holds at most one image token");
-  if (n_img && pixels.empty()) fail(EDGEMM_ERR_INVALID_ARGUMENT, "the prompt has an <image> token but no image was set");
-  if (n_img && image_used) fail(EDGEMM_ERR_INVALID_ARGUMENT, "this context already holds the image (reset first)");
-  if (n_img && !have_encoding) encode_image();
-  const int64_t T = int64_t(n) - int64_t(n_img) + (n_img ? enc.k : 0);
+  const bool splice = splice_image && n_img > 0 && !image_used;
+  if (splice) {
+    if (n_img > 1) fail(EDGEMM_ERR_INVALID_ARGUMENT, "a prompt holds at most one image token");
+    if (pixels.empty()) fail(EDGEMM_ERR_INVALID_ARGUMENT, "the prompt has an <image> token but no image was set");
+    if (!have_encoding) encode_image();
+  }
+  const int64_t T = int64_t(n) + (splice ? enc.k - 1 : 0);
   if (n_past + T > m->max_context)
     fail(EDGEMM_ERR_CONTEXT_FULL, "context full: " + std::to_string(n_past) + " + " + std::to_string(T) +
                                       " tokens exceed max_context " + std::to_string(m->max_context));
   std::vector<float> x(static_cast<size_t>(T * D));
   int64_t r = 0;
   for (size_t i = 0; i < n; ++i) {
-    if (ids[i] == c.image_token && n_img) {
+    if (splice && ids[i] == c.image_token) {
       std::memcpy(&x[size_t(r * D)], enc.embeds.data(), size_t(enc.k * D) * 4);
       r += enc.k;
     } else {
@@ -365,7 +367,7 @@ void Session::eval(const int32_t* ids, size_t n, std::vector<float>* logits) {
   }
   record("text.embeds", x.data(), {T, D});
   forward_embeds(x.data(), T, logits);
-  if (n_img) image_used = true;
+  if (splice) image_used = true;
 }
 
 }  // namespace edgemm
