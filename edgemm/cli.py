@@ -361,8 +361,8 @@ _register()
 def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("EDGEMM_DEBUG") == "1"
     try:
-        app(args=argv, standalone_mode=False)
-        return 0
+        rc = app(args=argv, standalone_mode=False)
+        return rc if isinstance(rc, int) else 0  # typer.Exit(n) comes back as the return value here
     except EdgemmError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         return 1
@@ -371,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as e:
         return int(e.code or 0)
+    except ModuleNotFoundError as e:
+        if debug:
+            raise
+        err.print(f"[red]error:[/red] this needs the Python package {e.name!r}, which is not installed: "
+                  f"pip install 'edgemm[all]' (or the extra that provides it, see pyproject.toml)", highlight=False, soft_wrap=True)
+        return 1
     except Exception as e:  # usage errors from typer's (vendored) click, and anything unexpected
         kind = type(e).__name__
         if kind == "Exit":
