@@ -207,17 +207,17 @@ def stable_sort(x, dim: int = -1, descending: bool = False):
     order, so the result is exactly the stable sort (O(N^2) comparisons: N is a patch count)."""
     import torch
 
-    x_t = x.movedim(dim, -1)
+    x_t = x.transpose(dim, -1)  # (a transpose is its own inverse; Core ML's converter has no movedim)
     n = x_t.shape[-1]
     a = x_t.unsqueeze(-1)  # x_i
     b = x_t.unsqueeze(-2)  # x_j
     before = (b > a) if descending else (b < a)
     idx = torch.arange(n)
     earlier = idx[None, :] < idx[:, None]  # j < i, [i, j]
-    rank = (before | ((b == a) & earlier)).sum(-1)
+    rank = torch.logical_or(before, torch.logical_and(b == a, earlier)).long().sum(-1)
     order = torch.zeros_like(rank).scatter(-1, rank, idx.expand_as(rank).contiguous())
     values = x_t.gather(-1, order)
-    return torch.return_types.sort((values.movedim(-1, dim), order.movedim(-1, dim)))
+    return torch.return_types.sort((values.transpose(dim, -1), order.transpose(dim, -1)))
 
 
 def _sort_free_mode():
@@ -419,10 +419,9 @@ def prepare(model, precision: str = "fp32", max_context: int | None = None, grou
     return mods
 
 
-def lower(mods: dict, config, max_context: int | None = None, per_op_linear: bool = False, progress=None):
-    """torch.export the prepared modules, lower them to XNNPACK and emit the program.
-
-    Returns (ExecutorchProgramManager, delegation summary)."""
+def lower(mods: dict, config, per_op_linear: bool = False, progress=None, methods=METHODS):
+    """torch.export the prepared modules (those named in `methods`), lower them to XNNPACK and emit
+    the program. Returns (ExecutorchProgramManager, delegation summary)."""
     _import_executorch()
     import torch
     from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
@@ -438,16 +437,16 @@ def lower(mods: dict, config, max_context: int | None = None, per_op_linear: boo
     max_context = mods["text_decoder"].max_context
     s = cfg.vision.image_size
     seq = Dim("seq", min=1, max=max_context)
+    args = {
+        "vision_encoder": ((torch.zeros(1, cfg.vision.num_channels, s, s),), None),
+        "token_embedding": ((torch.zeros(1, 3, dtype=torch.long),), ({1: seq},)),
+        "text_decoder": ((torch.zeros(1, 3, cfg.text.hidden_size), torch.tensor([0], dtype=torch.long)), ({1: seq}, None)),
+    }
     step("torch.export")
     with torch.no_grad(), warnings.catch_warnings(), _sort_free_mode():
         warnings.simplefilter("ignore")
-        eps = {
-            "vision_encoder": torch.export.export(mods["vision_encoder"], (torch.zeros(1, cfg.vision.num_channels, s, s),), strict=False),
-            "token_embedding": torch.export.export(mods["token_embedding"], (torch.zeros(1, 3, dtype=torch.long),),
-                                                   dynamic_shapes=({1: seq},), strict=False),
-            "text_decoder": torch.export.export(mods["text_decoder"], (torch.zeros(1, 3, cfg.text.hidden_size), torch.tensor([0], dtype=torch.long)),
-                                                dynamic_shapes=({1: seq}, None), strict=False),
-        }
+        eps = {name: torch.export.export(mods[name], args[name][0], dynamic_shapes=args[name][1], strict=False)
+               for name in methods}
     constants = {
         "get_max_seq_len": max_context,
         "get_max_context_len": max_context,
@@ -467,8 +466,8 @@ def lower(mods: dict, config, max_context: int | None = None, per_op_linear: boo
             if per_op_linear else [XnnpackPartitioner()]
         edge = to_edge_transform_and_lower(
             eps,
-            partitioner={"vision_encoder": part, "token_embedding": [], "text_decoder": part},
-            constant_methods=constants,
+            partitioner={name: part if name != "token_embedding" else [] for name in methods},
+            constant_methods=constants if "text_decoder" in methods else None,
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
         summary = delegation_summary(edge)
@@ -477,7 +476,7 @@ def lower(mods: dict, config, max_context: int | None = None, per_op_linear: boo
             extract_delegate_segments=True,
             passes=[QuantFusionPass()],
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
-            sym_shape_eval_pass={name: ConstraintBasedSymShapeEvalPass() for name in METHODS},
+            sym_shape_eval_pass={name: ConstraintBasedSymShapeEvalPass() for name in methods},
         ))
     return prog, summary
 
@@ -498,7 +497,9 @@ def delegation_summary(edge) -> dict:
     import operator
 
     out = {}
-    for name in METHODS:
+    for name in edge.methods:
+        if name not in METHODS:
+            continue
         gm = edge.exported_program(name).graph_module
         delegates, other = 0, {}
         for n in gm.graph.nodes:

@@ -109,7 +109,8 @@ class ExecuTorchSession(Session):
         return self.torch.cat([text[:, :p], img.to(text.dtype), text[:, p:]], dim=1)
 
     # ---------------------------------------------------------------------------------- generation
-    def stream(self, image, prompt: str, options: GenerateOptions) -> Iterator[str]:
+    def tokens(self, image, prompt: str, options: GenerateOptions) -> Iterator[int]:
+        """Yield the answer's token ids (EOS excluded); fill self.stats when done."""
         from edgemm.models.generation import GenerationStats, SamplingConfig, sample_next
 
         torch = self.torch
@@ -135,18 +136,10 @@ class ExecuTorchSession(Session):
         stats.prefill_ms = (t2 - t1) * 1e3
         stats.prefill_tokens = n
         stats.ttft_ms = (t2 - t0) * 1e3
-        toks: list[int] = []
-        text_so_far = ""
         pos, steps = n, 1
         try:
-            while True:
-                if nxt in self.eos_ids:
-                    break
-                toks.append(nxt)
-                text = self.processor.decode(toks)
-                if len(text) > len(text_so_far) and not text.endswith("\ufffd"):
-                    yield text[len(text_so_far):] if text_so_far else text
-                    text_so_far = text
+            while nxt not in self.eos_ids:
+                yield nxt
                 if steps >= cfg.max_new_tokens:
                     break
                 t3 = time.perf_counter()
@@ -159,12 +152,24 @@ class ExecuTorchSession(Session):
         finally:
             self.stats = stats.to_dict()
 
+    def stream(self, image, prompt: str, options: GenerateOptions) -> Iterator[str]:
+        toks: list[int] = []
+        text_so_far = ""
+        for tok in self.tokens(image, prompt, options):
+            toks.append(tok)
+            text = self.processor.decode(toks)
+            if len(text) > len(text_so_far) and not text.endswith("\ufffd"):
+                yield text[len(text_so_far):] if text_so_far else text
+                text_so_far = text
+
     def generate_batch(self, images, prompts: list[str], **options) -> list[str]:
-        """One question at a time (the program is batch 1); stats summed over the batch."""
+        """One question at a time (the program is batch 1), each answer decoded from all its tokens
+        (as the torch runtime's batch path does); stats summed over the batch."""
         opts = GenerateOptions(**options).validate()
         out, total = [], {}
         for i, p in enumerate(prompts):
-            out.append("".join(self.stream(None if images is None else images[i], p, opts)).strip())
+            toks = list(self.tokens(None if images is None else images[i], p, opts))
+            out.append(self.processor.decode(toks))
             for k, v in self.stats.items():
                 total[k] = total.get(k, 0) + v
         if total:
