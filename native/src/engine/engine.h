@@ -28,6 +28,12 @@ struct Error : std::runtime_error {
 [[noreturn]] inline void fail(edgemm_status c, const std::string& m) { throw Error(c, m); }
 void check_kernel(kernels::Status s, const char* what);
 
+// Below this much work (multiply-adds or element updates) a kernel runs on the calling thread: waking the
+// pool's workers costs tens of microseconds (much more on an oversubscribed machine, where the caller then
+// waits for a descheduled worker), more than the work itself.
+constexpr double kParallelWork = 1 << 22;
+inline ThreadPool* pool_for(ThreadPool* pool, double work) { return work >= kParallelWork ? pool : nullptr; }
+
 inline double now_ms() {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }

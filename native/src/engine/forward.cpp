@@ -18,6 +18,7 @@ void run_linear(const Linear& L, const float* x, int64_t M, int64_t ldx, float* 
     return;
   }
   const float* b = L.bias.empty() ? nullptr : L.bias.data();
+  pool = pool_for(pool, double(M) * double(L.N) * double(L.K));
   switch (L.kind) {
     case Linear::kF32:
       check_kernel(kernels::f32_gemm(x, M, ldx, L.f32, b, y, ldy, false, pool), "f32_gemm");
@@ -230,9 +231,11 @@ void record_rows(Session& s, const std::string& name, int64_t row0, const float*
 // Runs rows x[T, D] (residual stream, updated in place) at positions n_past.. through every layer.
 void forward_chunk(Model& m, Session& s, float* x, int64_t T, bool decode) {
   const TextCfg& t = m.cfg.t;
-  ThreadPool* pool = m.pool.get();
+  ThreadPool* lin_pool = m.pool.get();
   const int64_t D = t.hidden, H = t.heads, Hkv = t.kv_heads, hd = t.head_dim, I = t.inter;
   const int64_t W = (H + 2 * Hkv) * hd, MC = m.max_context;
+  ThreadPool* pool = pool_for(lin_pool, double(T) * double(2 * I) * 8);  // elementwise work
+  ThreadPool* attn_pool = pool_for(lin_pool, double(T) * double(s.n_past + T) * double(H * hd));
   ensure(s.buf_h, size_t(T * D));
   ensure(s.buf_qkv, size_t(T * W));
   ensure(s.buf_attn, size_t(T * H * hd));
@@ -246,7 +249,7 @@ void forward_chunk(Model& m, Session& s, float* x, int64_t T, bool decode) {
   for (int l = 0; l < t.layers; ++l) {
     const TextBlock& b = m.blocks[size_t(l)];
     check_kernel(kernels::rmsnorm(x, D, b.ln_in.data(), h, D, T, D, t.eps, pool), "rmsnorm");
-    run_linear(decode ? b.dec_qkv() : b.qkv, h, T, D, qkv, W, &s.scratch, pool);
+    run_linear(decode ? b.dec_qkv() : b.qkv, h, T, D, qkv, W, &s.scratch, lin_pool);
     check_kernel(kernels::rope_apply(qkv, W, T, H, hd, pos.data(), m.rope, pool), "rope");
     check_kernel(kernels::rope_apply(qkv + H * hd, W, T, Hkv, hd, pos.data(), m.rope, pool), "rope");
     float* kc = &s.kcache[size_t(l) * Hkv * MC * hd];
@@ -275,13 +278,13 @@ void forward_chunk(Model& m, Session& s, float* x, int64_t T, bool decode) {
     a.head_dim = hd;
     a.causal = true;
     a.scale = scale;
-    check_kernel(kernels::attention(a, pool), "attention");
-    run_linear(decode ? b.dec_o() : b.o, att, T, H * hd, tmp, D, &s.scratch, pool);
+    check_kernel(kernels::attention(a, attn_pool), "attention");
+    run_linear(decode ? b.dec_o() : b.o, att, T, H * hd, tmp, D, &s.scratch, lin_pool);
     for (int64_t j = 0; j < T * D; ++j) x[j] += tmp[j];
     check_kernel(kernels::rmsnorm(x, D, b.ln_post.data(), h, D, T, D, t.eps, pool), "rmsnorm");
-    run_linear(decode ? b.dec_gate_up() : b.gate_up, h, T, D, gu, 2 * I, &s.scratch, pool);
+    run_linear(decode ? b.dec_gate_up() : b.gate_up, h, T, D, gu, 2 * I, &s.scratch, lin_pool);
     check_kernel(kernels::swiglu(gu, 2 * I, gu + I, 2 * I, gu, 2 * I, T, I, pool), "swiglu");
-    run_linear(decode ? b.dec_down() : b.down, gu, T, 2 * I, tmp, D, &s.scratch, pool);
+    run_linear(decode ? b.dec_down() : b.down, gu, T, 2 * I, tmp, D, &s.scratch, lin_pool);
     for (int64_t j = 0; j < T * D; ++j) x[j] += tmp[j];
     if (s.debug) record_rows(s, "text.layer." + std::to_string(l), s.n_past - s.dbg_start, x, T, D, s.dbg_rows);
   }

@@ -45,8 +45,9 @@ void prefill_two_lane(Model& m, Session& s, float* x, int64_t T) {
   const int64_t n_chunks = (T + C - 1) / C;
   const int L = t.layers;
   const int64_t start = s.n_past;
-  ThreadPool* cpu_pool = m.cpu_pool.get();
-  NpuBackend npu = cpu_int8_backend(m.npu_pool.get());
+  ThreadPool* cpu_lane_pool = m.cpu_pool.get();
+  ThreadPool* cpu_pool = pool_for(cpu_lane_pool, double(C) * double(2 * I) * 8);
+  NpuBackend npu = cpu_int8_backend(m.npu_pool.get());  // the kernels split big GEMMs only
   const float scale = float(std::pow(double(hd), -0.5));
 
   std::vector<Slot> slots(static_cast<size_t>(std::min<int64_t>(kWindow, n_chunks)));
@@ -87,7 +88,7 @@ void prefill_two_lane(Model& m, Session& s, float* x, int64_t T) {
       if (is_npu(lin))
         check_kernel(kernels::w8a8_quantize(in, n, lin.K, ldin, lin.input_scale, &sl.act[ai], cpu_pool), "w8a8_quantize");
       else
-        run_linear(lin, in, n, ldin, out, ldout, &sl.scratch, cpu_pool);
+        run_linear(lin, in, n, ldin, out, ldout, &sl.scratch, cpu_lane_pool);
     };
     auto gemm = [&](const Linear& lin, int ai, float* out, int64_t ldout) {
       if (!is_npu(lin)) return;
@@ -137,7 +138,7 @@ void prefill_two_lane(Model& m, Session& s, float* x, int64_t T) {
         a.head_dim = hd;
         a.causal = true;
         a.scale = scale;
-        check_kernel(kernels::attention(a, cpu_pool), "attention");
+        check_kernel(kernels::attention(a, pool_for(cpu_lane_pool, double(n) * double(p0 + n) * double(H * hd))), "attention");
         prep(b.o, 1, sl.att.data(), H * hd, sl.tmp.data(), D);
         break;
       }
