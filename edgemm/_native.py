@@ -57,9 +57,9 @@ def _lib_names() -> list[str]:
 
 
 def candidate_paths() -> list[Path]:
-    """Where the library is looked for, in order (after $EDGEMM_NATIVE_LIB): the package directory (where
-    `pip install` puts it; scikit-build-core's editable installs put it under site-packages/edgemm), then
-    the repository's build directories (build/*/, native/build*/), newest file first."""
+    """The libraries found (after $EDGEMM_NATIVE_LIB), newest first: in the package directory (where
+    `pip install` puts it; scikit-build-core's editable installs put it under site-packages/edgemm) and
+    the repository's build directories (build/*/, native/build*/)."""
     here = Path(__file__).resolve().parent
     installed = [here]
     pkg = sys.modules.get(__package__ or "edgemm")
@@ -82,14 +82,12 @@ def candidate_paths() -> list[Path]:
                     out.append((d / sub / name) if sub else (d / name))
         return out
 
-    built = [p for p in files(builds) if p.is_file()]
-    built.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    out, seen = [], set()
-    for p in files(installed) + built:
-        if p not in seen:
-            seen.add(p)
-            out.append(p)
-    return out
+    # In a checkout, the installed copy (pip install -e) and the build directories can hold libraries of
+    # different ages: the newest one wins (the one built from the newest sources). A wheel install has
+    # only the packaged library.
+    found = [p for p in dict.fromkeys(files(installed) + files(builds)) if p.is_file()]
+    found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    return found
 
 
 def find_library() -> Path:
