@@ -237,3 +237,11 @@ def test_cli_export_native(tmp_path, demo_tokenizer):
                         "--precision", "int3", "-o", str(tmp_path / "c")], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "precision" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "c").exists()
+
+
+def test_gptq_decode_set(tiny, tmp_path):
+    export(tiny, "native", tmp_path / "b", decode_method="gptq", calib_n=8)
+    dq = json.loads(nx.read_kv(reader(tmp_path / "b"))["decode_quantization"])["layers"]
+    assert {m["method"] for m in dq.values()} == {"gptq"} and {m["format"] for m in dq.values()} == {"int4"}
+    with pytest.raises(EdgemmError, match="decode_method"):
+        export(tiny, "native", tmp_path / "c", decode_method="awq")

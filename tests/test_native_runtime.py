@@ -542,3 +542,13 @@ def test_generated_image_token_is_an_ordinary_token(demo_tokenizer, tmp_path, na
     im = np.zeros((32, 32, 3), np.uint8)
     want = runtimes.load(lm).generate(im, "what color?", max_new_tokens=4)
     assert open_native(tmp_path / "b").generate(im, "what color?", max_new_tokens=4) == want
+
+
+def test_f16_float_tensors(tiny, tmp_path, native_lib, questions):
+    """float_type="f16": the engine widens F16 tensors exactly as the reference does."""
+    ims, qs = questions
+    export(tiny, "native", tmp_path / "b", precision="fp32", float_type="f16")
+    ref = nx.reference_model(tmp_path / "b")
+    assert ref.model.text.embed_tokens.weight.dtype == torch.float32
+    assert not torch.equal(ref.model.text.embed_tokens.weight, tiny.model.text.embed_tokens.weight)  # rounded to f16
+    _check_errs(_logit_errs(tmp_path / "b", ref, ims, qs), exact=1e-4, worst=1e-4)
