@@ -58,7 +58,25 @@ ThreadPool::~ThreadPool() {
   for (auto& w : workers_) w.join();
 }
 
-void ThreadPool::worker_main(int tid) {
+void ThreadPool::run_slots(uint32_t job) {
+  for (;;) {
+    uint64_t v = claim_.load(std::memory_order_acquire);
+    if (uint32_t(v >> 32) != job) return;  // a later job: not ours to touch
+    uint32_t slot = uint32_t(v);
+    if (slot >= uint32_t(n_threads_)) return;
+    if (!claim_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+    bool was = t_in_job;
+    t_in_job = true;
+    fn_(ctx_, int(slot), n_threads_);
+    t_in_job = was;
+    if (done_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_threads_) {
+      std::lock_guard<std::mutex> lk(mutex_);
+      done_cv_.notify_one();
+    }
+  }
+}
+
+void ThreadPool::worker_main(int) {
   uint64_t seen = 0;
   for (;;) {
     auto fresh = [&] { return generation_.load(std::memory_order_acquire) != seen; };
@@ -68,13 +86,7 @@ void ThreadPool::worker_main(int tid) {
     }
     seen = generation_.load(std::memory_order_acquire);
     if (stop_.load(std::memory_order_acquire)) return;
-    t_in_job = true;
-    fn_(ctx_, tid, n_threads_);
-    t_in_job = false;
-    if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      std::lock_guard<std::mutex> lk(mutex_);
-      done_cv_.notify_one();
-    }
+    run_slots(uint32_t(seen));
   }
 }
 
@@ -87,20 +99,21 @@ void ThreadPool::run(TaskFn fn, void* ctx) {
     return;
   }
   std::lock_guard<std::mutex> run_lk(run_mutex_);
+  uint32_t job;
   {
     std::lock_guard<std::mutex> lk(mutex_);
     fn_ = fn;
     ctx_ = ctx;
-    pending_.store(n_threads_ - 1, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    job = uint32_t(generation_.load(std::memory_order_relaxed) + 1);
+    claim_.store(uint64_t(job) << 32, std::memory_order_release);
     generation_.fetch_add(1, std::memory_order_acq_rel);
   }
   cv_.notify_all();
-  t_in_job = true;
-  fn(ctx, 0, n_threads_);
-  t_in_job = false;
-  // Spin as long as the workers do; then sleep so that, on an oversubscribed machine, a descheduled
-  // worker can get this CPU.
-  auto done = [&] { return pending_.load(std::memory_order_acquire) == 0; };
+  run_slots(job);  // the caller claims slots too, all of them if the workers are late
+  // Wait only for slots that workers claimed and are still running. Spin as long as the workers do;
+  // then sleep so that, on an oversubscribed machine, the worker can get this CPU.
+  auto done = [&] { return done_.load(std::memory_order_acquire) == n_threads_; };
   if (!spin_until(done, spin_us_)) {
     std::unique_lock<std::mutex> lk(mutex_);
     done_cv_.wait(lk, done);

@@ -1,6 +1,9 @@
 // A small persistent thread pool (std::thread; no OpenMP so that Apple clang builds it too).
 //
-// The caller of run()/parallel_for() is thread 0 and works too; n_threads - 1 workers are started once.
+// The caller of run()/parallel_for() works too; n_threads - 1 workers are started once. fn(ctx, tid, n) is
+// called exactly once for every tid in [0, n), but not necessarily on a distinct thread: a slot is run by
+// whichever thread claims it first (the caller claims the slots of workers that have not woken up yet),
+// so tid is a work index, never a thread identity.
 // Idle workers spin for a short while (spin_us, default 100 us, env EDGEMM_SPIN_US) waiting for the next
 // job, then sleep on a condition variable, so back-to-back small kernels (decode GEMVs) do not pay a
 // futex wake-up each, and an idle engine does not burn a core.
@@ -41,9 +44,14 @@ class ThreadPool {
   std::mutex run_mutex_;  // serializes callers
   std::mutex mutex_;
   std::condition_variable cv_;       // workers wait for a new generation
-  std::condition_variable done_cv_;  // caller waits for pending_ == 0
+  std::condition_variable done_cv_;  // caller waits for done_ == n_threads_
   std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
+  // Slot claims of the current job: (job id << 32) | next unclaimed slot. Every thread (the caller too)
+  // claims slots with a CAS and runs fn(ctx, slot, n); a worker that wakes after the caller has claimed
+  // every slot runs nothing, so the caller never waits for a descheduled worker that has not started.
+  std::atomic<uint64_t> claim_{0};
+  std::atomic<int> done_{0};  // slots finished in the current job
+  void run_slots(uint32_t job);
   std::atomic<bool> stop_{false};
   TaskFn fn_ = nullptr;
   void* ctx_ = nullptr;
