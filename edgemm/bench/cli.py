@@ -40,6 +40,7 @@ def register(app: typer.Typer) -> None:
               out: Optional[Path] = typer.Option(None, "--out", help="also write the JSON report to this file (rewritten after each runtime/precision)"),
               chart: Optional[Path] = typer.Option(None, "--chart", help="write a PNG chart comparing the runtimes"),
               load: Optional[List[Path]] = typer.Option(None, "--load", help="render saved JSON reports (no measuring); repeatable"),
+              as_markdown: bool = typer.Option(False, "--markdown", help="print markdown tables (as in docs/bench.md)"),
               as_json: bool = typer.Option(False, "--json", help="print the JSON report")):
         """Prefill/decode tokens/s, image encode and time-to-first-token, peak RSS and roofline fractions of a
         preset (random weights, real shapes) in each runtime, 2 threads by default (docs/bench.md)."""
@@ -85,6 +86,14 @@ def register(app: typer.Typer) -> None:
             write_chart(reports, chart)
         if as_json:
             sys.stdout.write(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2) + "\n")
+            return
+        if as_markdown:
+            from .report import markdown
+
+            for rep in reports:
+                sys.stdout.write(f"**{rep['preset']}** ({rep['threads']} threads, median of {rep['settings']['repeats']}, "
+                                 f"started {rep.get('started_utc', '?')}, load average {rep['machine']['loadavg']}):\n\n")
+                sys.stdout.write(markdown(rep) + "\n")
             return
         for rep in reports:
             print_table(rep, out_c)

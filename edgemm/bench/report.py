@@ -77,7 +77,8 @@ def markdown(report: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for x in rows(report):
         lines.append("| " + " | ".join(_cells(x)) + " |")
-    return "\n".join(lines) + "\n"
+    notes = [f"- {r['runtime']} {r['precision']}: {r['note']}" for r in report["results"] if r.get("note")]
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 def write_chart(reports: list[dict] | dict, path: str | Path) -> Path:
