@@ -179,6 +179,14 @@ def markdown(summary: dict) -> str:
             hagree = f"{h['agree']}/{h['n']} ({pct(h['agreement'])})" if "agree" in h else "-"
         lines.append(f"| {r['label']} | {r['runtime']} | {agree} | {pct(a.get('accuracy'))} | "
                      f"{pct(h.get('accuracy')) if h else 'not measured'} | {hagree} | {r.get('bundle_mb', '-')} |")
+    per_type = [r for r in summary["rows"] if (r.get("heldout") or {}).get("per_type")]
+    if per_type:
+        types = list(per_type[0]["heldout"]["per_type"])
+        lines += ["", f"| held-out accuracy per type ({summary['heldout_split']}) | " + " | ".join(types) + " |",
+                  "| --- |" + " --- |" * len(types)]
+        for r in per_type:
+            pt = r["heldout"]["per_type"]
+            lines.append(f"| {r['label']} | " + " | ".join(f"{100 * pt[t]:.2f}" for t in types) + " |")
     return "\n".join(lines) + "\n"
 
 
