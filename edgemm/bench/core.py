@@ -291,6 +291,8 @@ def extrapolate(runs: list[dict], layers: list[int], target: int) -> dict:
         out["image_encode_ms"] = round((a["image_encode_ms"] + b["image_encode_ms"]) / 2, 2)
         out["ttft"] = {k: {"visual_tokens": a["ttft"][k]["visual_tokens"]} for k in a["ttft"]}
     out["peak_rss_mb"] = round(_lin(a["peak_rss_mb"], b["peak_rss_mb"], l1, l2, target), 1)
+    if a.get("cpu_utilization") is not None and b.get("cpu_utilization") is not None:
+        out["cpu_utilization"] = [a["cpu_utilization"], b["cpu_utilization"]]
     out["peak_rss_estimated"] = True
     out["load_s"] = None
     out["loadavg_1m"] = a["loadavg_1m"] + b["loadavg_1m"]

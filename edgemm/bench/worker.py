@@ -291,8 +291,14 @@ RUNNERS = {"torch": TorchRunner, "onnxruntime": OnnxRunner, "executorch": ExecuT
 # ------------------------------------------------------------------------------------ measuring
 
 
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def measure(job: dict) -> dict:
     t0 = time.perf_counter()
+    c0 = cpu_seconds()
     runner = RUNNERS[job["runtime"]](job)
     load_s = time.perf_counter() - t0
     cfg = runner.config
@@ -346,6 +352,10 @@ def measure(job: dict) -> dict:
         res["image_encode_ms"] = tt["full"]["image_encode_ms"]
         res["ttft_ms"] = {k: v["ttft_ms"] for k, v in tt.items()}
     res["peak_rss_mb"] = peak_rss_mb()
+    # how much of its threads' time the process actually got: near 1 on a quiet machine; far below 1 means
+    # the machine was shared and every rate above is proportionally low
+    wall = time.perf_counter() - t0
+    res["cpu_utilization"] = round((cpu_seconds() - c0) / (wall * int(job["threads"])), 3) if wall > 0 else None
     return res
 
 
