@@ -226,22 +226,16 @@ def test_reading_bad_files_is_an_error(tmp_path, bundles):
         nx.read_model_file(trunc)
 
 
-def test_cli_export_native(tmp_path, demo_tokenizer):
+def test_cli_export_native(tmp_path, demo_tokenizer, capsys):
     m = random_model(cfg32(demo_tokenizer), seed=5)
     save_checkpoint(m, demo_tokenizer, tmp_path / "ck")
     r = subprocess.run([sys.executable, "-m", "edgemm", "export", str(tmp_path / "ck"), "--target", "native",
                         "--precision", "fp32", "-o", str(tmp_path / "b"), "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["artifacts"][0]["file"] == nx.FILE
-    r = subprocess.run([sys.executable, "-m", "edgemm", "export", str(tmp_path / "ck"), "--target", "native",
-                        "--precision", "int3", "-o", str(tmp_path / "c")], capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "precision" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    from edgemm.cli import main  # the error path in-process (a second interpreter start costs ~30 s here)
+
+    assert main(["export", str(tmp_path / "ck"), "--target", "native", "--precision", "int3", "-o", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "precision 'int3'" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "c").exists()
-
-
-def test_gptq_decode_set(tiny, tmp_path):
-    export(tiny, "native", tmp_path / "b", decode_method="gptq", calib_n=8)
-    dq = json.loads(nx.read_kv(reader(tmp_path / "b"))["decode_quantization"])["layers"]
-    assert {m["method"] for m in dq.values()} == {"gptq"} and {m["format"] for m in dq.values()} == {"int4"}
-    with pytest.raises(EdgemmError, match="decode_method"):
-        export(tiny, "native", tmp_path / "c", decode_method="awq")

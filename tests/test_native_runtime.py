@@ -552,3 +552,22 @@ def test_f16_float_tensors(tiny, tmp_path, native_lib, questions):
     assert ref.model.text.embed_tokens.weight.dtype == torch.float32
     assert not torch.equal(ref.model.text.embed_tokens.weight, tiny.model.text.embed_tokens.weight)  # rounded to f16
     _check_errs(_logit_errs(tmp_path / "b", ref, ims, qs), exact=1e-4, worst=1e-4)
+
+
+@pytest.mark.parametrize("over", [{"tie_word_embeddings": True}, {"vision_feature_select": "full"},
+                                  {"vision_feature_layer": -1}])
+def test_config_variants(demo_tokenizer, tmp_path, native_lib, questions, over):
+    """Tied LM head (no lm_head tensor in the file), [CLS] fed to the LLM, last-layer features."""
+    ims, qs = questions
+    cfg = cfg32(demo_tokenizer)
+    if "tie_word_embeddings" in over:
+        cfg.text.tie_word_embeddings = True
+    else:
+        for k, v in over.items():
+            setattr(cfg, k, v)
+    m = random_model(cfg.validate(), seed=4)
+    lm = LoadedModel(m, Processor(demo_tokenizer, m.config), "variant")
+    export(lm, "native", tmp_path / "b", precision="fp32")
+    _check_errs(_logit_errs(tmp_path / "b", nx.reference_model(tmp_path / "b"), ims, qs), worst=1e-4)
+    assert open_native(tmp_path / "b").generate_batch(ims, qs, max_new_tokens=6) == \
+        runtimes.load(lm).generate_batch(ims, qs, max_new_tokens=6)
