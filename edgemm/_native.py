@@ -85,9 +85,23 @@ def candidate_paths() -> list[Path]:
     # In a checkout, the installed copy (pip install -e) and the build directories can hold libraries of
     # different ages: the newest one wins (the one built from the newest sources). A wheel install has
     # only the packaged library.
-    found = [p for p in dict.fromkeys(files(installed) + files(builds)) if p.is_file()]
+    found = [p for p in dict.fromkeys(files(installed) + files(builds)) if p.is_file() and _loadable_build(p)]
     found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     return found
+
+
+def _loadable_build(lib: Path) -> bool:
+    """False for libraries of sanitizer or cross builds (their CMakeCache says so): they cannot be loaded
+    into this interpreter."""
+    for d in (lib.parent, lib.parent.parent):
+        cache = d / "CMakeCache.txt"
+        if cache.is_file():
+            try:
+                text = cache.read_text(errors="replace")
+            except OSError:
+                return True
+            return "EDGEMM_SANITIZE:BOOL=ON" not in text and "CMAKE_TOOLCHAIN_FILE:" not in text
+    return True
 
 
 def find_library() -> Path:

@@ -571,3 +571,14 @@ def test_config_variants(demo_tokenizer, tmp_path, native_lib, questions, over):
     _check_errs(_logit_errs(tmp_path / "b", nx.reference_model(tmp_path / "b"), ims, qs), worst=1e-4)
     assert open_native(tmp_path / "b").generate_batch(ims, qs, max_new_tokens=6) == \
         runtimes.load(lm).generate_batch(ims, qs, max_new_tokens=6)
+
+
+def test_sanitizer_and_cross_builds_are_not_candidates(tmp_path):
+    for name, cache, ok in [("plain", "CMAKE_BUILD_TYPE:STRING=Release\n", True),
+                            ("asan", "EDGEMM_SANITIZE:BOOL=ON\n", False),
+                            ("arm64", "CMAKE_TOOLCHAIN_FILE:FILEPATH=/x/aarch64-linux-gnu.cmake\n", False)]:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "CMakeCache.txt").write_text(cache)
+        (d / "libedgemm.so").write_bytes(b"\x7fELF")
+        assert _native._loadable_build(d / "libedgemm.so") is ok, name
