@@ -33,12 +33,13 @@ def rows(report: dict) -> list[dict]:
             "ttft_full": t.get("full"), "ttft_pruned": t.get("pruned"), "speedup": r.get("ttft_pruned_speedup"),
             "rss": r.get("peak_rss_mb"), "rss_est": r.get("peak_rss_estimated", False),
             "int8_frac": fr.get(str(n1)) if n1 else None, "bw_frac": r.get("bandwidth_fraction"),
+            "cpu": min(r["cpu_utilization"]) if isinstance(r.get("cpu_utilization"), list) else r.get("cpu_utilization"),
         })
     return out
 
 
 HEAD = ["runtime", "prefill@{n1} tok/s", "prefill@{n2} tok/s", "decode tok/s", "image ms", "TTFT ms", "TTFT pruned ms",
-        "speedup", "peak RSS MB", "int8 peak", "bandwidth"]
+        "speedup", "peak RSS MB", "int8 peak", "bandwidth", "CPU util"]
 
 
 def _cells(x: dict) -> list[str]:
@@ -46,7 +47,8 @@ def _cells(x: dict) -> list[str]:
         return [x["label"], f"{x['status']}: {x['reason']}"] + [""] * (len(HEAD) - 2)
     return [x["label"], _f(x["prefill_1"]), _f(x["prefill_2"]), _f(x["decode"]), _f(x["image_ms"]), _f(x["ttft_full"]),
             _f(x["ttft_pruned"]), (_f(x["speedup"], 2) + "x") if x["speedup"] else "-",
-            ("~" if x["rss_est"] else "") + _f(x["rss"], 0), _f(x["int8_frac"], pct=True), _f(x["bw_frac"], pct=True)]
+            ("~" if x["rss_est"] else "") + _f(x["rss"], 0), _f(x["int8_frac"], pct=True), _f(x["bw_frac"], pct=True),
+            _f(x.get("cpu"), 2)]
 
 
 def _head(report: dict) -> list[str]:
