@@ -1,6 +1,9 @@
 // Model file -> Model: header/KV validation, config parsing, tensor validation against the config,
 // packing into the kernels' layouts.
 #include <sys/stat.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -736,6 +739,9 @@ std::unique_ptr<Model> load_model(const std::string& path_in, const edgemm_load_
   };
   m->prefill_desc = desc(false);
   m->decode_desc = desc(true);
+#if defined(__GLIBC__)
+  malloc_trim(0);  // hand the load-time canonical copies back to the OS (glibc keeps freed heap otherwise)
+#endif
   if (m->npu_lane) {
     int a = std::max(1, nt / 2), b = std::max(1, nt - a);
     m->npu_pool = std::make_unique<ThreadPool>(a);
