@@ -7,7 +7,7 @@ from pathlib import Path
 from ..errors import EdgemmError
 from .config import ProjectorConfig, TextConfig, VisionConfig, VLMConfig
 
-BUILTIN = ("demo", "demo-small")
+BUILTIN = ("demo", "demo-small", "demo-kd")  # demo-kd: demo-small's architecture distilled from demo (edgemm distill)
 
 
 def builtin_path(name: str) -> Path:
