@@ -1,11 +1,12 @@
 """The native engine's C++ side in CI: build native/ with cmake (cached build directories), run its ctest
 suite (kernel tests, engine tests through the C ABI, malformed-file cases, a bounded fuzz run of the
 model-file parser), and the engine tests + fuzz run again under AddressSanitizer/UBSan (-O1, portable
-kernels). The build directories live in $EDGEMM_NATIVE_CI_DIR (default ~/.cache/edgemm/native-ci), so
+kernels). The build directories live in $EDGEMM_NATIVE_CI_DIR (default ~/.cache/edgemm/native-ci/<hash of the checkout's path>), so
 after the first run only changed files rebuild."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -17,7 +18,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NATIVE = ROOT / "native"
-CACHE = Path(os.environ.get("EDGEMM_NATIVE_CI_DIR", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgemm" / "native-ci"))
+# one cache per checkout (CMake refuses a build directory configured for another source tree)
+_KEY = hashlib.sha256(str(NATIVE).encode()).hexdigest()[:12]
+CACHE = Path(os.environ.get("EDGEMM_NATIVE_CI_DIR",
+                            Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgemm" / "native-ci")) / _KEY
 
 
 def _env():
