@@ -116,3 +116,12 @@ def test_pinned_precisions_pick_pairs(monkeypatch, tmp_path):
                          cache_dir=tmp_path)
     assert seen == [("torch", "bf16"), ("onnxruntime", "int8"), ("native", "w8a8-int4")]
     assert [r["precision"] for r in rep["results"]] == ["bf16", "int8", "w8a8-int4"]
+
+
+def test_extrapolation_refuses_a_deeper_model_that_is_not_slower():
+    from edgemm.bench.core import _lin
+    from edgemm.errors import EdgemmError
+
+    assert _lin(1.0, 4.0, 1, 4, 24) == 24.0
+    with pytest.raises(EdgemmError, match="noise"):
+        _lin(2.0, 1.5, 1, 4, 24)

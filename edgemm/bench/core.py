@@ -271,7 +271,12 @@ class Bench:
         return out
 
 
-def _lin(y1: float, y2: float, l1: int, l2: int, target: int) -> float:
+def _lin(y1: float, y2: float, l1: int, l2: int, target: int, strict: bool = True) -> float:
+    """Linear in the layer count. A deeper model cannot be cheaper: a non-positive slope means the two
+    runs are noise (e.g. a starved process), and is refused rather than extrapolated."""
+    if strict and y2 <= y1:
+        raise EdgemmError(f"cannot scale to {target} layers: the {l2}-layer run ({y2:.4g}) is not slower than the "
+                          f"{l1}-layer run ({y1:.4g}); the timings are noise (machine busy?) - rerun on a quieter machine")
     return y1 + (y2 - y1) * (target - l1) / (l2 - l1)
 
 
@@ -290,7 +295,7 @@ def extrapolate(runs: list[dict], layers: list[int], target: int) -> dict:
         # the vision side does not depend on the text depth: the mean of the two runs
         out["image_encode_ms"] = round((a["image_encode_ms"] + b["image_encode_ms"]) / 2, 2)
         out["ttft"] = {k: {"visual_tokens": a["ttft"][k]["visual_tokens"]} for k in a["ttft"]}
-    out["peak_rss_mb"] = round(_lin(a["peak_rss_mb"], b["peak_rss_mb"], l1, l2, target), 1)
+    out["peak_rss_mb"] = round(_lin(a["peak_rss_mb"], b["peak_rss_mb"], l1, l2, target, strict=False), 1)
     if a.get("cpu_utilization") is not None and b.get("cpu_utilization") is not None:
         out["cpu_utilization"] = [a["cpu_utilization"], b["cpu_utilization"]]
     out["peak_rss_estimated"] = True
