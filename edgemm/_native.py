@@ -257,7 +257,26 @@ def _sized_ids(fn, *args) -> list[int]:
 # ------------------------------------------------------------------------------------------- model
 
 
-class Model:
+class _Handle:
+    """An engine object freed by close(), also on garbage collection and at the end of a with block."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Model(_Handle):
     """A loaded native model (a model file or a bundle directory). Immutable; shareable by sessions."""
 
     def __init__(self, path, n_threads: int = 0, npu_lane: bool = True, chunk_size: int = 0, max_context: int = 0):
@@ -310,18 +329,6 @@ class Model:
             library().edgemm_model_free(self._h)
             self._h = None
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 # ----------------------------------------------------------------------------------------- session
 
@@ -330,7 +337,7 @@ def stats_dict(s: _Stats) -> dict:
     return {k: getattr(s, k) for k, _ in _Stats._fields_ if k != "struct_size"}
 
 
-class Session:
+class Session(_Handle):
     """One conversation state (KV cache, image) on a Model; one thread at a time."""
 
     def __init__(self, model: Model):
@@ -485,18 +492,6 @@ class Session:
         if getattr(self, "_h", None):
             library().edgemm_session_free(self._h)
             self._h = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 __all__ = ["Model", "Session", "NativeError", "library", "available", "version", "find_library", "STATUS"]

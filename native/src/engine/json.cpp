@@ -15,6 +15,24 @@ const Value* Value::get(const std::string& key) const {
   return nullptr;
 }
 
+void append_utf8(std::string& s, uint32_t cp) {
+  if (cp < 0x80) {
+    s += char(cp);
+  } else if (cp < 0x800) {
+    s += char(0xC0 | (cp >> 6));
+    s += char(0x80 | (cp & 0x3F));
+  } else if (cp < 0x10000) {
+    s += char(0xE0 | (cp >> 12));
+    s += char(0x80 | ((cp >> 6) & 0x3F));
+    s += char(0x80 | (cp & 0x3F));
+  } else {
+    s += char(0xF0 | (cp >> 18));
+    s += char(0x80 | ((cp >> 12) & 0x3F));
+    s += char(0x80 | ((cp >> 6) & 0x3F));
+    s += char(0x80 | (cp & 0x3F));
+  }
+}
+
 namespace {
 
 struct Parser {
@@ -31,23 +49,7 @@ struct Parser {
   void ws() {
     while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')) ++p;
   }
-  static void put_utf8(std::string& s, uint32_t cp) {
-    if (cp < 0x80) {
-      s += char(cp);
-    } else if (cp < 0x800) {
-      s += char(0xC0 | (cp >> 6));
-      s += char(0x80 | (cp & 0x3F));
-    } else if (cp < 0x10000) {
-      s += char(0xE0 | (cp >> 12));
-      s += char(0x80 | ((cp >> 6) & 0x3F));
-      s += char(0x80 | (cp & 0x3F));
-    } else {
-      s += char(0xF0 | (cp >> 18));
-      s += char(0x80 | ((cp >> 12) & 0x3F));
-      s += char(0x80 | ((cp >> 6) & 0x3F));
-      s += char(0x80 | (cp & 0x3F));
-    }
-  }
+
   bool hex4(uint32_t* v) {
     if (end - p < 4) return fail("truncated \\u escape");
     uint32_t r = 0;
@@ -108,7 +110,7 @@ struct Parser {
           } else if (cp >= 0xDC00 && cp < 0xE000) {
             return fail("unpaired surrogate");
           }
-          put_utf8(*s, cp);
+          append_utf8(*s, cp);
           break;
         }
         default: return fail("bad escape");

@@ -12,6 +12,9 @@
 namespace edgemm {
 namespace json {
 
+// Appends code point cp to s as UTF-8 (shared by the JSON parser and the tokenizer's byte map).
+void append_utf8(std::string& s, uint32_t cp);
+
 enum class Type { kNull, kBool, kNumber, kString, kArray, kObject };
 
 struct Value {

@@ -8,24 +8,6 @@
 namespace edgemm {
 namespace {
 
-void put_utf8(std::string& s, uint32_t cp) {
-  if (cp < 0x80) {
-    s += char(cp);
-  } else if (cp < 0x800) {
-    s += char(0xC0 | (cp >> 6));
-    s += char(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    s += char(0xE0 | (cp >> 12));
-    s += char(0x80 | ((cp >> 6) & 0x3F));
-    s += char(0x80 | (cp & 0x3F));
-  } else {
-    s += char(0xF0 | (cp >> 18));
-    s += char(0x80 | ((cp >> 12) & 0x3F));
-    s += char(0x80 | ((cp >> 6) & 0x3F));
-    s += char(0x80 | (cp & 0x3F));
-  }
-}
-
 // Decodes one UTF-8 code point at s[i]; invalid bytes decode as U+FFFD consuming one byte.
 uint32_t next_cp(const std::string& s, size_t i, size_t* len) {
   unsigned char c = (unsigned char)s[i];
@@ -148,7 +130,7 @@ bool Tokenizer::load(const std::string& text, std::string* err) {
       bool direct = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
       uint32_t cp = direct ? uint32_t(b) : uint32_t(256 + n++);
       byte_to_unicode_[b].clear();
-      put_utf8(byte_to_unicode_[b], cp);
+      json::append_utf8(byte_to_unicode_[b], cp);
       unicode_to_byte_[cp] = uint8_t(b);
     }
   }
