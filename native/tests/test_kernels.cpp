@@ -117,8 +117,7 @@ void test_w8a8() {
           int32_t s = 0;
           for (int64_t k = 0; k < c.K; ++k) {
             int8_t want = ref::w8a8_code(x[m * c.K + k], s_a, nullptr);
-            uint8_t got = a.data[(m / 8) * a.Kp * 8 + (k / 4) * 32 + (m % 8) * 4 + (k % 4)];
-            codes_ok &= int(got) - 128 == want;
+            codes_ok &= w8a8_act_code(a, m, k) == want;
             s += want;
           }
           codes_ok &= a.row_sum[m] == s;
@@ -145,6 +144,48 @@ void test_w8a8() {
     }
     (void)isa;
   });
+}
+
+// The AMX table claims bit-identical W8A8 results to the AVX-512 VNNI one (kernels.h, x86_amx.cpp):
+// compare whole linear outputs (GEMM + shadow outliers, bias, accumulate) byte for byte.
+void test_w8a8_amx_bits() {
+  const auto isas = available_isas();
+  const bool have = std::find(isas.begin(), isas.end(), Isa::kAvx512Amx) != isas.end() &&
+                    std::find(isas.begin(), isas.end(), Isa::kAvx512Vnni) != isas.end();
+  if (!have) {
+    std::printf("amx_bits: not run: this machine has no AMX-INT8 (or the OS withholds the tile state)\n");
+    return;
+  }
+  const W8A8Case cases[] = {{1, 16, 16},   {7, 37, 17},     {16, 64, 48},  {17, 100, 50},  {31, 128, 96},
+                            {33, 260, 112}, {64, 2048, 64}, {130, 96, 300}, {40, 704, 256}};
+  Rng rng(99);
+  for (const auto& c : cases) {
+    const float s_a = 0.03f;
+    std::vector<float> x = rng.normals(c.M * c.K, 1.0f);
+    for (int64_t m = 0; m < c.M; m += 3) x[m * c.K + (m % c.K)] = 40.0f;  // clipped -> shadow outliers
+    std::vector<int8_t> qw = random_qweight(rng, c.N, c.K);
+    std::vector<float> ws(c.N), bias(c.N);
+    for (auto& v : ws) v = rng.uniform(0.001f, 0.02f);
+    for (auto& v : bias) v = rng.normal();
+    std::vector<std::vector<float>> out;
+    for (Isa isa : {Isa::kAvx512Vnni, Isa::kAvx512Amx}) {
+      CHECK(set_isa(isa) == Status::kOk);
+      for (ThreadPool* pool : {static_cast<ThreadPool*>(nullptr), &pool2()}) {
+        W8A8Weights w;
+        CHECK_OK(w8a8_pack(qw.data(), c.K, ws.data(), c.N, c.K, nullptr, 0, &w, pool));
+        W8A8Act a;
+        CHECK_OK(w8a8_quantize(x.data(), c.M, c.K, c.K, s_a, &a, pool));
+        CHECK(!a.outliers.empty());
+        std::vector<float> y(c.M * (c.N + 5), 0.5f);
+        CHECK_OK(w8a8_linear(a, w, bias.data(), y.data(), c.N + 5, false, pool));
+        CHECK_OK(w8a8_linear(a, w, nullptr, y.data(), c.N + 5, true, pool));
+        out.push_back(y);
+      }
+    }
+    for (size_t i = 1; i < out.size(); ++i)
+      CHECK(std::memcmp(out[0].data(), out[i].data(), out[0].size() * sizeof(float)) == 0);
+  }
+  set_isa(best_isa());
 }
 
 // Shadow outliers: inject values far beyond the int8 range of s_a.
@@ -686,7 +727,7 @@ void test_validation() {
 int main(int argc, char** argv) {
   const std::map<std::string, void (*)()> groups = {
       {"threadpool", test_thread_pool}, {"fp16", test_fp16},           {"w8a8", test_w8a8},
-      {"shadow", test_w8a8_shadow},     {"woq", test_woq_dense},       {"sparse", test_woq_sparse},
+      {"shadow", test_w8a8_shadow},     {"amx_bits", test_w8a8_amx_bits},     {"woq", test_woq_dense},       {"sparse", test_woq_sparse},
       {"f32", test_f32_gemm},           {"elementwise", test_elementwise}, {"rope", test_rope},
       {"attention", test_attention},    {"validation", test_validation},
   };

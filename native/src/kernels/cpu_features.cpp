@@ -42,6 +42,9 @@ CpuFeatures detect() {
     f.avx512vl = zmm_ok && ((b >> 31) & 1);
     f.avx512vbmi = zmm_ok && ((c >> 1) & 1);
     f.avx512vnni = zmm_ok && ((c >> 11) & 1);
+    const bool tile_ok = (xcr0 & 0x60000) == 0x60000;  // XTILECFG, XTILEDATA
+    f.amx_tile = tile_ok && ((d >> 24) & 1);
+    f.amx_int8 = f.amx_tile && ((d >> 25) & 1);
     __cpuid_count(7, 1, a, b, c, d);
     f.avxvnni = ymm_ok && ((a >> 4) & 1);
   }

@@ -8,6 +8,7 @@ struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
   bool avx512vnni = false, avx512vbmi = false, avxvnni = false;
+  bool amx_tile = false, amx_int8 = false;  // cpuid + XCR0 tile state (the OS grant is checked apart)
   // aarch64
   bool neon = false, dotprod = false;
 };

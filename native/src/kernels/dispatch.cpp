@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 
 #include "cpu_features.h"
@@ -36,6 +37,10 @@ const KernelTable* table_avx512() { return nullptr; }
 #if !defined(EDGEMM_HAVE_NEON)
 const KernelTable* table_neon() { return nullptr; }
 #endif
+#if !defined(EDGEMM_HAVE_AMX)
+const KernelTable* table_amx() { return nullptr; }
+bool amx_supported() { return false; }
+#endif
 
 namespace {
 const KernelTable* table_for(Isa isa) {
@@ -48,16 +53,29 @@ const KernelTable* table_for(Isa isa) {
                  ? table_avx512()
                  : nullptr;
     case Isa::kNeonDot: return (f.neon && f.dotprod) ? table_neon() : nullptr;
+    case Isa::kAvx512Amx:
+      return (table_for(Isa::kAvx512Vnni) && table_amx() && amx_supported()) ? table_amx() : nullptr;
   }
   return nullptr;
 }
 std::atomic<const KernelTable*> g_table{nullptr};
 }  // namespace
 
+// EDGEMM_ISA=<isa_name> picks the initial ISA (e.g. avx512_vnni to compare with or avoid AMX); a name
+// this machine cannot run is ignored (best_isa() is used).
+const KernelTable* env_table() {
+  const char* e = std::getenv("EDGEMM_ISA");
+  if (!e || !*e) return nullptr;
+  for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512Vnni, Isa::kNeonDot, Isa::kAvx512Amx})
+    if (std::strcmp(e, isa_name(i)) == 0) return table_for(i);
+  return nullptr;
+}
+
 const KernelTable& active_table() {
   const KernelTable* t = g_table.load(std::memory_order_acquire);
   if (!t) {
-    t = table_for(best_isa());
+    t = env_table();
+    if (!t) t = table_for(best_isa());
     g_table.store(t, std::memory_order_release);
   }
   return *t;
@@ -70,12 +88,13 @@ const char* isa_name(Isa isa) {
     case Isa::kAvx2: return "avx2";
     case Isa::kAvx512Vnni: return "avx512_vnni";
     case Isa::kNeonDot: return "neon_dotprod";
+    case Isa::kAvx512Amx: return "avx512_amx";
   }
   return "unknown";
 }
 
 Isa best_isa() {
-  for (Isa i : {Isa::kAvx512Vnni, Isa::kNeonDot, Isa::kAvx2})
+  for (Isa i : {Isa::kAvx512Amx, Isa::kAvx512Vnni, Isa::kNeonDot, Isa::kAvx2})
     if (impl::table_for(i)) return i;
   return Isa::kScalar;
 }
@@ -91,7 +110,7 @@ Status set_isa(Isa isa) {
 
 std::vector<Isa> available_isas() {
   std::vector<Isa> v;
-  for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512Vnni, Isa::kNeonDot})
+  for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512Vnni, Isa::kNeonDot, Isa::kAvx512Amx})
     if (impl::table_for(i)) v.push_back(i);
   return v;
 }
@@ -104,26 +123,32 @@ Status w8a8_quantize(const float* x, int64_t M, int64_t K, int64_t ldx, float s_
   EDGEMM_CHECK(x && out && M > 0 && K > 0 && ldx >= K && s_a > 0 && std::isfinite(s_a));
   if (K > 65536) return Status::kOverflow;
   W8A8Act& a = *out;
+  const impl::KernelTable& t = impl::active_table();
   a.M = M;
   a.K = K;
-  a.Mp = round_up(M, 8);
   a.Kp = round_up(K, 4);
+  a.lda = t.w8a8_rowmajor ? round_up(K, 64) : 0;
+  a.Mp = round_up(M, t.w8a8_rowmajor ? 16 : 8);
   a.scale = s_a;
-  EDGEMM_ALLOC(a.data, size_t(a.Mp * a.Kp), false);
+  const int64_t row_bytes = t.w8a8_rowmajor ? a.lda : a.Kp;
+  EDGEMM_ALLOC(a.data, size_t(a.Mp * row_bytes), false);
   EDGEMM_ALLOC(a.row_sum, size_t(a.Mp), false);
-  // Padding rows of the last tile: code 0 (byte 128).
+  // Padding rows: code 0 (byte 128 in the tile layout, 0 in the row-major one).
   for (int64_t r = M; r < a.Mp; ++r) {
-    uint8_t* tile = a.data.data() + (r / 8) * a.Kp * 8 + (r % 8) * 4;
-    for (int64_t k4 = 0; k4 < a.Kp / 4; ++k4)
-      for (int j = 0; j < 4; ++j) tile[k4 * 32 + j] = 128;
+    if (t.w8a8_rowmajor) {
+      std::fill(a.data.data() + r * a.lda, a.data.data() + (r + 1) * a.lda, uint8_t(0));
+    } else {
+      uint8_t* tile = a.data.data() + (r / 8) * a.Kp * 8 + (r % 8) * 4;
+      for (int64_t k4 = 0; k4 < a.Kp / 4; ++k4)
+        for (int j = 0; j < 4; ++j) tile[k4 * 32 + j] = 128;
+    }
     a.row_sum[r] = 0;
   }
-  const impl::KernelTable& t = impl::active_table();
   const int nt = pool_threads(pool);
   try {
     std::vector<std::vector<Outlier>> parts(static_cast<size_t>(nt));
     parallel_for(pool, M, 8, [&](int64_t r0, int64_t r1, int tid) {
-      t.w8a8_quant(x, ldx, K, s_a, a.data.data(), a.Kp, a.row_sum.data(), r0, r1, &parts[tid]);
+      t.w8a8_quant(x, ldx, K, s_a, a.data.data(), row_bytes, a.row_sum.data(), r0, r1, &parts[tid]);
     });
     a.outliers.clear();
     for (auto& p : parts) a.outliers.insert(a.outliers.end(), p.begin(), p.end());
@@ -140,13 +165,16 @@ namespace {
 Status w8a8_gemm_impl(const W8A8Act& a, const W8A8Weights& w, const float* bias, float* y, int64_t ldy,
                       bool accumulate, bool fuse, ThreadPool* pool) {
   EDGEMM_CHECK(y && a.M > 0 && w.N > 0 && a.K == w.K && a.Kp == w.Kp && ldy >= w.N);
-  EDGEMM_CHECK(a.data.size() >= size_t(a.Mp * a.Kp) && w.data.size() >= size_t(w.Np * w.Kp));
+  const impl::KernelTable& t = impl::active_table();
+  // The activations must be in the active table's layout (quantized after the last set_isa()).
+  EDGEMM_CHECK(t.w8a8_rowmajor ? (a.lda >= a.Kp && a.lda % 64 == 0 && a.Mp % 16 == 0) : a.lda == 0);
+  const int64_t tile_rows = t.w8a8_rowmajor ? 16 : 8;
+  EDGEMM_CHECK(a.data.size() >= size_t(a.Mp * (a.lda ? a.lda : a.Kp)) && w.data.size() >= size_t(w.Np * w.Kp));
   EDGEMM_CHECK(!fuse || a.outlier_row_begin.size() == size_t(a.M + 1));
   impl::W8A8GemmArgs g{a.data.data(), w.data.data(), w.col_sum.data(), w.weight_scale.data(), bias,
                        a.scale, a.M, w.N, a.Mp, w.Np, w.Kp, y, ldy, accumulate,
-                       fuse ? a.outliers.data() : nullptr, fuse ? a.outlier_row_begin.data() : nullptr};
-  const impl::KernelTable& t = impl::active_table();
-  const int64_t tiles = a.Mp / 8, panels = w.Np / 16;
+                       fuse ? a.outliers.data() : nullptr, fuse ? a.outlier_row_begin.data() : nullptr, a.lda};
+  const int64_t tiles = a.Mp / tile_rows, panels = w.Np / 16;
   // Default: threads take row tiles and walk the same weight panels, so threads on SMT siblings (the
   // benchmark machine's two vCPUs are) share each weight panel in L1/L2; measured faster than splitting
   // the columns. EDGEMM_W8A8_SPLIT=n forces the column split (also used when there are few row tiles).
@@ -166,6 +194,11 @@ Status w8a8_gemm_impl(const W8A8Act& a, const W8A8Weights& w, const float* bias,
   return Status::kOk;
 }
 }  // namespace
+
+int32_t w8a8_act_code(const W8A8Act& a, int64_t m, int64_t k) {
+  if (a.lda > 0) return static_cast<int8_t>(a.data[size_t(m * a.lda + k)]);
+  return int32_t(a.data[size_t((m / 8) * a.Kp * 8 + (k / 4) * 32 + (m % 8) * 4 + (k % 4))]) - 128;
+}
 
 Status w8a8_gemm(const W8A8Act& a, const W8A8Weights& w, const float* bias, float* y, int64_t ldy,
                  bool accumulate, ThreadPool* pool) {

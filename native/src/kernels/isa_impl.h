@@ -13,7 +13,8 @@ namespace kernels {
 namespace impl {
 
 struct W8A8GemmArgs {
-  const uint8_t* a;        // packed activations [Mp/8][Kp/4][8][4] (code + 128)
+  const uint8_t* a;        // packed activations [Mp/8][Kp/4][8][4] (code + 128), or row-major codes
+                           // (tables with w8a8_rowmajor: lda bytes per row, Mp a multiple of 16)
   const int8_t* w;         // packed weights [Np/16][Kp/4][16][4]
   const int32_t* col_sum;  // [Np]
   const float* wscale;     // [Np]
@@ -27,9 +28,10 @@ struct W8A8GemmArgs {
   // (m, k), orow[m]..orow[m+1] the outliers of row m; null = plain GEMM.
   const Outlier* outliers;
   const int32_t* orow;
+  int64_t lda;  // row stride of the row-major activation layout (0 for the tile layout)
 };
-// Computes the output columns of 16-column panels [p0, p1) (p0 a multiple of 3) for the 8-row tiles
-// [t0, t1).
+// Computes the output columns of 16-column panels [p0, p1) (p0 a multiple of 3) for the row tiles
+// [t0, t1) (8 rows each; 16 with w8a8_rowmajor).
 using W8A8GemmFn = void (*)(const W8A8GemmArgs&, int64_t p0, int64_t p1, int64_t t0, int64_t t1);
 // Quantizes rows [r0, r1) (r0 a multiple of 8) into the packed layout, writes row_sum, appends clipped
 // elements (sorted by m, k) to *outliers.
@@ -91,6 +93,7 @@ struct KernelTable {
   W8A8QuantFn w8a8_quant;
   W8A8GemmFn w8a8_gemm;
   bool w8a8_gemm_fuses_shadow;  // w8a8_gemm applies W8A8GemmArgs::outliers in its epilogue
+  bool w8a8_rowmajor;           // W8A8 activations are row-major int8 codes (AMX), not the 8-row tiles
   ShadowFn w8a8_shadow;
   WoqQuantRowFn woq_quant_row;
   WoqGemmFn woq_int4;
@@ -114,6 +117,8 @@ const KernelTable* table_scalar();
 const KernelTable* table_avx2();
 const KernelTable* table_avx512();
 const KernelTable* table_neon();
+const KernelTable* table_amx();  // AVX-512 VNNI + the AMX-INT8 W8A8 GEMM
+bool amx_supported();            // cpuid, XCR0 and (Linux) the process's tile-state permission
 const KernelTable& active_table();
 
 }  // namespace impl

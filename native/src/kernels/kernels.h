@@ -43,6 +43,7 @@ enum class Isa : int32_t {
   kAvx2 = 1,        // x86-64 AVX2 + FMA + F16C
   kAvx512Vnni = 2,  // AVX-512 F/BW/VL/DQ + VNNI (+ VBMI for the 2:4 sparse kernels, else AVX2 for those)
   kNeonDot = 3,     // aarch64 NEON with the dot-product extension (sdot/udot)
+  kAvx512Amx = 4,   // kAvx512Vnni + AMX-TILE/AMX-INT8 for the W8A8 GEMM (Sapphire Rapids and later)
 };
 const char* isa_name(Isa isa);
 Isa best_isa();           // best ISA this CPU (and build) supports
@@ -96,10 +97,14 @@ struct Outlier {
   int32_t m, k;
   float residual;  // x - code * s_a
 };
-// Quantized activations: row tiles of 8, [Mp/8][Kp/4][8][4] uint8 holding code + 128, Mp = M rounded up
-// to 8 (padding rows/cols hold code 0, i.e. byte 128). row_sum[m] = sum_k code[m,k].
+// Quantized activations, in the layout the active ISA's GEMM reads:
+// - lda == 0: row tiles of 8, [Mp/8][Kp/4][8][4] uint8 holding code + 128, Mp = M rounded up to 8
+//   (padding rows/cols hold code 0, i.e. byte 128);
+// - lda > 0 (AMX): row-major int8 codes, lda = K rounded up to 64 bytes per row, Mp = M rounded up to 16
+//   (padding rows/cols hold code 0).
+// row_sum[m] = sum_k code[m,k]. w8a8_act_code() reads one code from either layout.
 struct W8A8Act {
-  int64_t M = 0, K = 0, Mp = 0, Kp = 0;
+  int64_t M = 0, K = 0, Mp = 0, Kp = 0, lda = 0;
   float scale = 0.f;
   AlignedBuffer<uint8_t> data;
   AlignedBuffer<int32_t> row_sum;
@@ -110,6 +115,8 @@ struct W8A8Act {
 // Buffers of `out` are reused when large enough. Collects every clipped element into out->outliers.
 Status w8a8_quantize(const float* x, int64_t M, int64_t K, int64_t ldx, float s_a, W8A8Act* out,
                      ThreadPool* pool);
+// The code of element (m, k) of a quantized activation (tests and debugging).
+int32_t w8a8_act_code(const W8A8Act& a, int64_t m, int64_t k);
 // y[M, N] (row stride ldy) = dequant(int8 GEMM) (+ bias[N] if non-null); if accumulate, adds into y.
 // Requires a.K == w.K.
 Status w8a8_gemm(const W8A8Act& a, const W8A8Weights& w, const float* bias, float* y, int64_t ldy,

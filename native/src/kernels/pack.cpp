@@ -101,7 +101,8 @@ Status w8a8_pack(const int8_t* qweight, int64_t ldw, const float* weight_scale, 
   w.K = K;
   w.Np = round_up(N, 16);
   w.Kp = round_up(K, 4);
-  EDGEMM_ALLOC(w.data, size_t(w.Np * w.Kp), true);
+  // + zero slack: the AMX GEMM reads whole 64-deep K blocks, up to 15 k4 rows past a panel's end.
+  EDGEMM_ALLOC(w.data, size_t(w.Np * w.Kp + 16 * 3 * 64), true);
   EDGEMM_ALLOC(w.weight_scale, size_t(w.Np), true);
   EDGEMM_ALLOC(w.col_sum, size_t(w.Np), true);
   std::atomic<bool> bad{false};

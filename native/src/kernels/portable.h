@@ -482,6 +482,7 @@ inline KernelTable portable_table(Isa isa) {
   t.w8a8_quant = p_w8a8_quant;
   t.w8a8_gemm = p_w8a8_gemm;
   t.w8a8_gemm_fuses_shadow = false;
+  t.w8a8_rowmajor = false;
   t.w8a8_shadow = p_w8a8_shadow;
   t.woq_quant_row = p_woq_quant_row;
   t.woq_int4 = p_woq_int4;

@@ -1,0 +1,223 @@
+// AMX-INT8 W8A8 GEMM (Intel Advanced Matrix Extensions: TDPBSSD on 16 x 64-byte tiles). Compiled with
+// the AVX-512 flags plus -mamx-tile -mamx-int8; the table is only used when cpuid reports AMX-TILE and
+// AMX-INT8, the OS enables the tile state (XCR0 bits 17-18) and, on Linux, grants it to this process
+// (arch_prctl ARCH_REQ_XCOMP_PERM). Everything except the W8A8 activation quantization and GEMM is the
+// AVX-512 VNNI table's.
+//
+// Layouts. Activations are row-major signed codes (W8A8Act::lda bytes per row, a multiple of 64, rows
+// padded to a multiple of 16 with zero codes): one A tile is 16 rows x 64 codes, loaded with stride lda.
+// Weights are the common W8A8 panel layout (layout.h): a panel's k4 steps are 64-byte rows
+// [16 channels][4 k] at stride k4_stride, which is exactly AMX's B-tile format ("VNNI-packed" K/4 x N x 4),
+// so one B tile is 16 consecutive k4 steps of one panel, loaded with stride k4_stride; no repacking.
+// A K that is not a multiple of 64 reads up to 15 k4 rows past the panel's last one (the packed buffer
+// carries that much zero slack, pack.cpp); their products meet zero activation codes, so they add 0.
+//
+// Numbers: TDPBSSD accumulates the exact int32 sum of code x qweight (no +128 offset, no column-sum
+// correction); the epilogue is the VNNI kernel's (float(acc) * (s_a * s_w[n]) + bias with one FMA), so
+// results are bit-identical to the AVX-512 VNNI table. Shadow outliers run after the GEMM (w8a8_shadow:
+// same bits as the VNNI kernel's fused epilogue, see kernels.h).
+#include <immintrin.h>
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include <algorithm>
+
+#include "cpu_features.h"
+#include "layout.h"
+#include "portable.h"
+#include "x86_avx512_common.h"
+
+namespace edgemm {
+namespace kernels {
+namespace impl {
+
+const KernelTable* table_avx512();
+
+namespace {
+
+// ------------------------------------------------------------------------------------------------
+// Activation quantization into the row-major layout (rows [r0, r1), all lda columns written)
+// ------------------------------------------------------------------------------------------------
+void amx_w8a8_quant(const float* x, int64_t ldx, int64_t K, float s_a, uint8_t* packed, int64_t lda,
+                    int32_t* row_sum, int64_t r0, int64_t r1, std::vector<Outlier>* outliers) {
+  const __m512 vs = _mm512_set1_ps(s_a);
+  const __m512 lo = _mm512_set1_ps(-256.0f), hi = _mm512_set1_ps(256.0f);
+  const __m512i cmin = _mm512_set1_epi32(-128), cmax = _mm512_set1_epi32(127);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * ldx;
+    int8_t* dst = reinterpret_cast<int8_t*>(packed + r * lda);
+    __m512i rsum = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 16) {
+      const int64_t rem = K - k;
+      const __mmask16 lm = rem >= 16 ? __mmask16(0xffff) : __mmask16((1u << rem) - 1);
+      __m512 q = _mm512_div_ps(_mm512_maskz_loadu_ps(lm, xr + k), vs);
+      q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
+      __m512i c = _mm512_cvtps_epi32(q);  // MXCSR default: round to nearest even
+      const __mmask16 clip = _mm512_cmpgt_epi32_mask(c, cmax) | _mm512_cmplt_epi32_mask(c, cmin);
+      c = _mm512_min_epi32(_mm512_max_epi32(c, cmin), cmax);
+      if (clip) {
+        alignas(64) int32_t cc[16];
+        _mm512_store_si512(cc, c);
+        for (int l = 0; l < 16; ++l)
+          if ((clip >> l) & 1)
+            outliers->push_back({static_cast<int32_t>(r), static_cast<int32_t>(k + l),
+                                 xr[k + l] - static_cast<float>(cc[l]) * s_a});
+      }
+      rsum = _mm512_add_epi32(rsum, c);  // masked-off lanes loaded 0.0 -> code 0
+      _mm_mask_storeu_epi8(dst + k, lm, _mm512_cvtepi32_epi8(c));
+    }
+    std::memset(dst + K, 0, size_t(lda - K));
+    row_sum[r] = _mm512_reduce_add_epi32(rsum);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// GEMM: 32 x 32 output blocks (2 A tiles x 2 B tiles -> 4 accumulator tiles), full K per block
+// ------------------------------------------------------------------------------------------------
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: int32 accumulators (16 x 16); 4-5: A (16 rows x 64 codes); 6-7: B (16 k4 rows x 64 bytes).
+const TileConfig& tile_config() {
+  static const TileConfig c = [] {
+    TileConfig t;
+    for (int i = 0; i < 8; ++i) {
+      t.colsb[i] = 64;
+      t.rows[i] = 16;
+    }
+    return t;
+  }();
+  return c;
+}
+
+struct PanelRef {
+  const int8_t* base;  // k4 = 0 of this panel
+  int64_t stride;      // bytes between k4 rows
+  int64_t n0;          // first output column
+};
+
+inline PanelRef panel_ref(const W8A8GemmArgs& g, int64_t p) {
+  const layout::W8A8PanelPos pp = layout::w8a8_panel(p, g.Kp, g.Np);
+  return {g.w + pp.base, pp.k4_stride, p * 16};
+}
+
+// Dequantizes one 16 x 16 int32 block (rows m0.., columns n0..) into y.
+EDGEMM_INLINE void epilogue(const W8A8GemmArgs& g, const int32_t* acc, int64_t m0, int64_t n0) {
+  const __mmask16 nm = tail_mask(g.N - n0);
+  const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(g.s_a), _mm512_loadu_ps(g.wscale + n0));
+  const __m512 bias = g.bias ? _mm512_maskz_loadu_ps(nm, g.bias + n0) : _mm512_setzero_ps();
+  const int rows = static_cast<int>(std::min<int64_t>(16, g.M - m0));
+  for (int r = 0; r < rows; ++r) {
+    float* yr = g.y + (m0 + r) * g.ldy + n0;
+    __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(acc + r * 16)), scale, bias);
+    if (g.accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(nm, yr));
+    _mm512_mask_storeu_ps(yr, nm, v);
+  }
+}
+
+// Rows tiles ta (and tb if two_a) x panels pa (and pb if two_b); the K loop is unrolled over the tile
+// registers, which must be compile-time constants.
+template <bool TWO_A, bool TWO_B>
+EDGEMM_INLINE void block(const W8A8GemmArgs& g, const int8_t* a0, const int8_t* a1, int64_t lda,
+                         const PanelRef& pa, const PanelRef& pb, int64_t kb, int64_t m0, int32_t* buf) {
+  _tile_zero(0);
+  if (TWO_B) _tile_zero(1);
+  if (TWO_A) _tile_zero(2);
+  if (TWO_A && TWO_B) _tile_zero(3);
+  for (int64_t k = 0; k < kb; ++k) {
+    _tile_loadd(4, a0 + k * 64, lda);
+    if (TWO_A) _tile_loadd(5, a1 + k * 64, lda);
+    _tile_loadd(6, pa.base + k * 16 * pa.stride, pa.stride);
+    _tile_dpbssd(0, 4, 6);
+    if (TWO_A) _tile_dpbssd(2, 5, 6);
+    if (TWO_B) {
+      _tile_loadd(7, pb.base + k * 16 * pb.stride, pb.stride);
+      _tile_dpbssd(1, 4, 7);
+      if (TWO_A) _tile_dpbssd(3, 5, 7);
+    }
+  }
+  _tile_stored(0, buf, 64);
+  if (TWO_B) _tile_stored(1, buf + 256, 64);
+  if (TWO_A) _tile_stored(2, buf + 512, 64);
+  if (TWO_A && TWO_B) _tile_stored(3, buf + 768, 64);
+  epilogue(g, buf, m0, pa.n0);
+  if (TWO_B) epilogue(g, buf + 256, m0, pb.n0);
+  if (TWO_A) epilogue(g, buf + 512, m0 + 16, pa.n0);
+  if (TWO_A && TWO_B) epilogue(g, buf + 768, m0 + 16, pb.n0);
+}
+
+// Panels [p0, p1) x 16-row tiles [t0, t1). g.a is the row-major activation buffer, g.Mp its padded row
+// count; the row stride is passed in g.lda.
+void amx_w8a8_gemm(const W8A8GemmArgs& g, int64_t p0, int64_t p1, int64_t t0, int64_t t1) {
+  _tile_loadconfig(&tile_config());
+  alignas(64) int32_t buf[4 * 256];
+  const int64_t lda = g.lda, kb = (g.Kp + 63) / 64;
+  const int8_t* a = reinterpret_cast<const int8_t*>(g.a);
+  for (int64_t p = p0; p < p1; p += 2) {
+    const bool two_b = p + 1 < p1;
+    const PanelRef pa = panel_ref(g, p), pb = two_b ? panel_ref(g, p + 1) : pa;
+    for (int64_t t = t0; t < t1; t += 2) {
+      const bool two_a = t + 1 < t1;
+      const int8_t* a0 = a + t * 16 * lda;
+      const int8_t* a1 = a0 + 16 * lda;
+      if (two_a && two_b) block<true, true>(g, a0, a1, lda, pa, pb, kb, t * 16, buf);
+      else if (two_a) block<true, false>(g, a0, a1, lda, pa, pb, kb, t * 16, buf);
+      else if (two_b) block<false, true>(g, a0, a1, lda, pa, pb, kb, t * 16, buf);
+      else block<false, false>(g, a0, a1, lda, pa, pb, kb, t * 16, buf);
+    }
+  }
+  _tile_release();
+}
+
+#if defined(__linux__)
+constexpr long kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023;
+constexpr int kXfeatureXtiledata = 18;
+#endif
+
+bool os_grants_amx() {
+#if defined(__linux__)
+  // Linux >= 5.16 keeps the 8 KB tile state off until a process asks for it.
+  unsigned long bits = 0;
+  if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &bits) == 0 && (bits >> kXfeatureXtiledata) & 1) return true;
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return false;
+  bits = 0;
+  return syscall(SYS_arch_prctl, kArchGetXcompPerm, &bits) == 0 && ((bits >> kXfeatureXtiledata) & 1);
+#else
+  return false;  // other OSes: not enabled until tested there
+#endif
+}
+
+}  // namespace
+
+bool amx_supported() {
+  static const bool ok = [] {
+    const CpuFeatures& f = cpu_features();
+    return f.amx_tile && f.amx_int8 && os_grants_amx();
+  }();
+  return ok;
+}
+
+const KernelTable* table_amx() {
+  static const KernelTable t = [] {
+    KernelTable k = *table_avx512();
+    k.isa = Isa::kAvx512Amx;
+    k.w8a8_rowmajor = true;
+    k.w8a8_quant = amx_w8a8_quant;
+    k.w8a8_gemm = amx_w8a8_gemm;
+    k.w8a8_gemm_fuses_shadow = false;
+    return k;
+  }();
+  return &t;
+}
+
+}  // namespace impl
+}  // namespace kernels
+}  // namespace edgemm
