@@ -383,8 +383,9 @@ def machine_info() -> dict:
                     break
     except OSError:
         pass
-    from .metrics import INT8_GMACS_PER_CORE, READ_BANDWIDTH_GBS
+    from .metrics import READ_BANDWIDTH_GBS, VNNI_GMACS_PER_CORE, int8_gmacs_per_core
 
-    info["int8_peak_gmacs_per_core"] = INT8_GMACS_PER_CORE
+    info["int8_peak_gmacs_per_core"] = int8_gmacs_per_core()
+    info["vnni_peak_gmacs_per_core"] = VNNI_GMACS_PER_CORE
     info["read_bandwidth_gbs"] = READ_BANDWIDTH_GBS
     return info

@@ -2,8 +2,10 @@
 
 - Prefill: useful multiply-accumulates of a text-only prompt of N tokens = N x (every decoder linear layer)
   + causal attention (QK^T and PV over the keys each query sees) + the lm_head for the last token only.
-  `int8_peak_fraction` = those MACs per second / the int8 peak of the cores used (AVX-512 VNNI,
-  230 GMAC/s per core measured on this machine, at most 2 cores).
+  `int8_peak_fraction` = those MACs per second / the int8 peak of the cores used (at most 2): the AMX-INT8
+  tile peak (3375 GMAC/s per core, `edgemm_kernel_bench` tdpbssd_tile_loop) on CPUs with AMX, else the
+  AVX-512 VNNI peak (470 GMAC/s per core, vpdpbusd_zmm_loop: two VNNI ports; issue 6 quoted 230, one
+  port). `vnni_peak_fraction` is the same rate over the VNNI peak.
 - Decode: bytes read per generated token = every decoder linear weight and the lm_head at the storage
   type of the runtime/precision (scales included) + the KV cache read at the current context.
   `bandwidth_fraction` = bytes per token x tokens/s / 29 GB/s (this machine's measured read bandwidth).
@@ -12,7 +14,8 @@ A runtime that does more work than needed (e.g. logits for every prompt position
 
 from __future__ import annotations
 
-INT8_GMACS_PER_CORE = 230.0  # AVX-512 VNNI int8 peak per core, measured on this machine (issue 6)
+VNNI_GMACS_PER_CORE = 470.0  # AVX-512 VNNI (vpdpbusd zmm, 2 ports) per core, measured on this machine
+AMX_INT8_GMACS_PER_CORE = 3375.0  # AMX-INT8 (tdpbssd, 16x16x64 per op) per core, measured on this machine
 MAX_CORES = 2
 READ_BANDWIDTH_GBS = 29.0  # measured read bandwidth of this machine (issue 6)
 
@@ -47,8 +50,25 @@ def prefill_macs(t, n: int) -> int:
     return n * linear_macs_per_token(t) + attn + t.hidden_size * t.vocab_size
 
 
-def int8_peak_gmacs(threads: int) -> float:
-    return INT8_GMACS_PER_CORE * max(1, min(threads, MAX_CORES))
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def int8_gmacs_per_core(flags: set[str] | None = None) -> float:
+    """This CPU's int8 peak per core: AMX-INT8 when present, else AVX-512 VNNI."""
+    flags = cpu_flags() if flags is None else flags
+    return AMX_INT8_GMACS_PER_CORE if "amx_int8" in flags else VNNI_GMACS_PER_CORE
+
+
+def int8_peak_gmacs(threads: int, per_core: float | None = None) -> float:
+    return (int8_gmacs_per_core() if per_core is None else per_core) * max(1, min(threads, MAX_CORES))
 
 
 def decode_bytes_per_token(t, runtime: str, precision: str, context: float, weight_bytes: float | None = None) -> float | None:
@@ -69,12 +89,14 @@ def decode_bytes_per_token(t, runtime: str, precision: str, context: float, weig
 def fractions(result: dict, cfg, threads: int, runtime: str, precision: str, weight_bytes: float | None = None) -> dict:
     """int8_peak_fraction per prompt length and bandwidth_fraction, from a run's measured rates."""
     t = cfg.text
-    out: dict = {"int8_peak_fraction": {}, "bandwidth_fraction": None}
+    out: dict = {"int8_peak_fraction": {}, "vnni_peak_fraction": {}, "bandwidth_fraction": None}
     peak = int8_peak_gmacs(threads) * 1e9
+    vnni = int8_peak_gmacs(threads, VNNI_GMACS_PER_CORE) * 1e9
     for n, tok_s in (result.get("prefill_tok_s") or {}).items():
         if tok_s:
             macs = prefill_macs(t, int(n))
             out["int8_peak_fraction"][n] = round(macs / int(n) * tok_s / peak, 4)
+            out["vnni_peak_fraction"][n] = round(macs / int(n) * tok_s / vnni, 4)
     dec = result.get("decode_tok_s")
     ctx = result.get("decode_context_avg")
     if dec and ctx is not None:
