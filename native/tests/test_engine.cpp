@@ -1,7 +1,9 @@
 // Engine tests through the C ABI: a tiny random EdgeVLM written as a GGUF model file by an in-test writer
 // (fp32, W8A8 prefill + int4 decode, token compression variants), end-to-end generation, chunking and
 // two-lane equivalence, context limits, argument errors, and malformed / truncated files (every
-// corruption must give a status + message naming the key or tensor, never a crash).
+// corruption must give a status + message naming the key or tensor, never a crash). The memory group
+// checks the tensors served from the file mapping (F16 embedding rows, tied head, misaligned data,
+// chunked packing, a file replaced while loaded) against the plain paths, bit for bit.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -13,6 +15,8 @@
 #include <vector>
 
 #include "edgemm.h"
+#include "engine.h"  // internal: pack_f32_rows, g_pack_chunk_bytes (the memory group)
+#include "gguf.h"
 
 static int g_fail = 0;
 #define CHECK(c)                                                              \
@@ -35,6 +39,7 @@ struct Spec {
   std::map<std::string, uint32_t> ukv;     // u32 keys
   std::vector<T> tensors;
   uint64_t misalign = 0;  // added to one tensor offset
+  uint64_t align = 32;    // data alignment (write general.alignment too when not 32)
 };
 
 static void put(std::string& o, const void* p, size_t n) { o.append(static_cast<const char*>(p), n); }
@@ -69,12 +74,12 @@ static std::string write_gguf(const Spec& s) {
     put_u32(o, t.type);
     offs.push_back(off);
     put_u64(o, off + (&t == &s.tensors[0] ? s.misalign : 0));
-    off += (t.bytes.size() + 31) / 32 * 32;
+    off += (t.bytes.size() + s.align - 1) / s.align * s.align;
   }
-  while (o.size() % 32) o += '\0';
+  while (o.size() % s.align) o += '\0';
   for (size_t i = 0; i < s.tensors.size(); ++i) {
     o += std::string(s.tensors[i].bytes.begin(), s.tensors[i].bytes.end());
-    while ((o.size()) % 32) o += '\0';
+    while ((o.size()) % s.align) o += '\0';
   }
   return o;
 }
@@ -590,6 +595,165 @@ static void test_malformed() {
   CHECK(edgemm_model_load(bdir.c_str(), nullptr, &m) == EDGEMM_ERR_FORMAT && !m);
 }
 
+// ---------------------------------------------------------------------------------------- memory
+static T& tensor(Spec& s, const std::string& n) {
+  for (auto& t : s.tensors)
+    if (t.name == n) return t;
+  std::fprintf(stderr, "no tensor %s\n", n.c_str());
+  std::abort();
+}
+static std::vector<float> text_logits(edgemm_model* m) {
+  int32_t ids[64];
+  size_t n = 0;
+  CHECK(edgemm_encode_prompt(m, "the thing is here", 1, ids, 64, &n) == EDGEMM_OK);
+  std::vector<int32_t> pr(ids, ids + n);
+  for (int k = 0; k < 12; ++k) pr.push_back(4 + (k * 29) % 250);
+  return logits_of(m, pr, true);
+}
+static bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
+}
+static std::vector<float> logits_of_file(const std::string& name, const std::string& bytes) {
+  edgemm_model* m = load(save(name, bytes));
+  CHECK(m);
+  if (!m) return {};
+  auto lg = text_logits(m);
+  edgemm_model_free(m);
+  return lg;
+}
+
+static long long mapped_bytes(const std::string& bytes) {  // the model's info "mapped_weight_bytes"
+  edgemm_model* m = load(save("mem_info.gguf", bytes));
+  CHECK(m);
+  if (!m) return -1;
+  size_t need = 0;
+  std::vector<char> info(1 << 16);
+  CHECK(edgemm_model_info_json(m, info.data(), info.size(), &need) == EDGEMM_OK);
+  edgemm_model_free(m);
+  std::string js(info.data());
+  size_t at = js.find("\"mapped_weight_bytes\":");
+  CHECK(at != std::string::npos);
+  return at == std::string::npos ? -1 : std::atoll(js.c_str() + at + 22);
+}
+
+static void test_memory() {
+  // 1. chunked f32 packing equals one f32_pack of the whole matrix (layout [Np/16][K][16] + any slack)
+  for (int64_t N : {16, 83, 160}) {
+    const int64_t K = 37;
+    std::vector<float> W(size_t(N * K));
+    for (size_t i = 0; i < W.size(); ++i) W[i] = float(int(i * 7919 % 1001) - 500) / 37.f;
+    edgemm::kernels::F32Weights whole, chunked;
+    CHECK(edgemm::kernels::f32_pack(W.data(), K, N, K, &whole) == edgemm::kernels::Status::kOk);
+    for (int64_t chunk : {16, 32, 48, 4096}) {
+      int64_t covered = 0;
+      edgemm::pack_f32_rows(
+          [&](int64_t n0, int64_t n1, std::vector<float>* tmp) -> const float* {
+            if (n0 % 32) return W.data() + n0 * K;  // in place, or through the scratch vector
+            tmp->assign(W.begin() + n0 * K, W.begin() + n1 * K);
+            return tmp->data();
+          },
+          [&](int64_t n0, int64_t n1) { CHECK(n0 == covered); covered = n1; }, N, K, chunk, &chunked, nullptr, "test");
+      CHECK(covered == N);
+      CHECK(chunked.N == whole.N && chunked.K == whole.K && chunked.Np == whole.Np);
+      CHECK(chunked.data.size() == whole.data.size() &&
+            std::memcmp(chunked.data.data(), whole.data.data(), whole.data.size() * 4) == 0);
+    }
+  }
+  ModelOpts mo;
+  const Spec base = build(mo);
+  const std::string good = write_gguf(base);
+  const auto ref = logits_of_file("mem_ref.gguf", good);
+  // the embedding table, norms, position embedding and biases are served from the mapping
+  CHECK(mapped_bytes(good) > 264 * 64 * 4);
+  // 2. chunked packing + validation in the loader (chunks crossing the fused q/k/v segments): same bits
+  edgemm::g_pack_chunk_bytes = 48 * 64 * 4;
+  CHECK(same_bits(ref, logits_of_file("mem_chunk.gguf", good)));
+  {
+    Spec s = base;  // a NaN deep in a chunked weight is still found, naming the tensor
+    float v = NAN;
+    std::memcpy(tensor(s, "text.lm_head.weight").bytes.data() + 4 * 64 * 200, &v, 4);
+    expect_fail("nan in a chunked weight", write_gguf(s), EDGEMM_ERR_FORMAT, "text.lm_head.weight");
+    s = base;
+    std::memcpy(tensor(s, "text.embed_tokens.weight").bytes.data() + 4 * 64 * 250, &v, 4);
+    expect_fail("nan in the embedding", write_gguf(s), EDGEMM_ERR_FORMAT, "text.embed_tokens.weight");
+  }
+  edgemm::g_pack_chunk_bytes = int64_t(16) << 20;
+  {
+    Spec s = base;  // ViT blocks past the feature layer are not packed but still validated
+    std::string& c = s.skv["edgemm.config"];
+    c.replace(c.find("\"vision_feature_layer\":-1"), 25, "\"vision_feature_layer\":-2");
+    CHECK(!logits_of_file("mem_fl2.gguf", write_gguf(s)).empty());
+    float v = NAN;
+    std::memcpy(tensor(s, "vision.layers.1.mlp.fc1.weight").bytes.data() + 4 * 100, &v, 4);
+    expect_fail("nan in an unpacked ViT block", write_gguf(s), EDGEMM_ERR_FORMAT, "vision.layers.1.mlp.fc1.weight");
+  }
+  // 3. F16 embedding rows converted on lookup + the tied head packed from them == F32 embedding and an
+  // explicit F32 head holding the same values
+  {
+    Spec a = base, b = base;
+    T& ea = tensor(a, "text.embed_tokens.weight");
+    T& eb = tensor(b, "text.embed_tokens.weight");
+    eb.type = 1;
+    eb.bytes.assign(ea.bytes.size() / 2, 0);
+    for (size_t i = 0; i < ea.bytes.size() / 4; ++i) {
+      float f;
+      std::memcpy(&f, &ea.bytes[4 * i], 4);
+      uint16_t h = f16(f);
+      std::memcpy(&eb.bytes[2 * i], &h, 2);
+      f = edgemm::kernels::fp16_to_fp32(h);
+      std::memcpy(&ea.bytes[4 * i], &f, 4);
+    }
+    tensor(a, "text.lm_head.weight").bytes = ea.bytes;
+    for (size_t i = 0; i < b.tensors.size(); ++i)
+      if (b.tensors[i].name == "text.lm_head.weight") b.tensors.erase(b.tensors.begin() + long(i));
+    std::string& c = b.skv["edgemm.config"];
+    c.replace(c.find("\"tie_word_embeddings\":false"), 27, "\"tie_word_embeddings\":true");
+    auto la = logits_of_file("mem_f32.gguf", write_gguf(a));
+    CHECK(!la.empty() && same_bits(la, logits_of_file("mem_f16.gguf", write_gguf(b))));
+    edgemm::g_pack_chunk_bytes = 48 * 64 * 4;  // the tied head packed in chunks from F16 rows
+    CHECK(same_bits(la, logits_of_file("mem_f16.gguf", write_gguf(b))));
+    edgemm::g_pack_chunk_bytes = int64_t(16) << 20;
+  }
+  // 4. data only 2-byte aligned (general.alignment = 2): F32 tensors are copied, not viewed; same bits
+  for (const bool w8 : {false, true}) {
+    ModelOpts o;
+    o.w8a8 = w8;
+    Spec s = build(o);
+    s.align = 2;
+    s.ukv["general.alignment"] = 2;
+    std::string bytes;
+    bool odd = false;
+    for (int pad = 0; pad < 4 && !odd; ++pad) {  // pad the header until the data section starts at 2 mod 4
+      s.skv["general.name"] = std::string(size_t(pad + 1), 'x');
+      bytes = write_gguf(s);
+      edgemm::gguf::File f;
+      std::string err;
+      CHECK(f.open_memory(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), &err) == 0);
+      const edgemm::gguf::TensorInfo* t = f.find_tensor("text.norm.weight");
+      odd = t && (t->data - reinterpret_cast<const uint8_t*>(bytes.data())) % 4 == 2;
+    }
+    CHECK(odd);
+    CHECK(mapped_bytes(bytes) == 264 * 64 * 4);  // only the embedding rows (read with memcpy) stay in place
+    Spec s32 = build(o);
+    CHECK(same_bits(logits_of_file("mem_a32.gguf", write_gguf(s32)), logits_of_file("mem_a2.gguf", bytes)));
+  }
+  // 5. the model file replaced (rename over it, as the exporter does) while the model is loaded: the
+  // model keeps reading its own mapping
+  {
+    std::string path = save("mem_live.gguf", good);
+    edgemm_model* m = load(path);
+    CHECK(m);
+    if (m) {
+      ModelOpts o;
+      o.w8a8 = true;
+      std::string other = save("mem_other.gguf", write_gguf(build(o)));
+      CHECK(std::rename(other.c_str(), path.c_str()) == 0);
+      CHECK(same_bits(ref, text_logits(m)));
+      edgemm_model_free(m);
+    }
+  }
+}
+
 int main(int argc, char** argv) {
   char tmpl[] = "/tmp/edgemm_engine_test_XXXXXX";
   char* d = mkdtemp(tmpl);
@@ -609,6 +773,7 @@ int main(int argc, char** argv) {
   if (which == "all" || which == "e2e") test_end_to_end();
   if (which == "all" || which == "tokens") test_token_compression();
   if (which == "all" || which == "malformed") test_malformed();
+  if (which == "all" || which == "e2e" || which == "memory") test_memory();  // ctest: part of engine.e2e
   std::string rm = "rm -rf " + g_dir;
   if (std::system(rm.c_str()) != 0) std::fprintf(stderr, "cleanup failed\n");
   if (g_fail) {

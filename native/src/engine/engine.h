@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <stdexcept>
@@ -94,6 +95,70 @@ void parse_config(const std::string& text, Config* cfg);            // throws FO
 void parse_token_setting(const json::Value& v, const Config& cfg, TokenSetting* s);
 
 // ------------------------------------------------------------------------------------------ weights
+// An fp32 vector the kernels read in place: either a view into the model file's mapping (an F32 tensor
+// whose data is 4-byte aligned) or owned storage (F16 converted, misaligned data, concatenations).
+class FloatSpan {
+ public:
+  FloatSpan() = default;
+  static FloatSpan view(const float* p, size_t n) {
+    FloatSpan s;
+    s.p_ = p;
+    s.n_ = n;
+    return s;
+  }
+  static FloatSpan owned(std::vector<float> v) {
+    FloatSpan s;
+    s.own_ = std::move(v);
+    s.p_ = s.own_.data();
+    s.n_ = s.own_.size();
+    return s;
+  }
+  FloatSpan(const FloatSpan& o) : p_(o.p_), n_(o.n_), own_(o.own_) {
+    if (o.is_owned()) p_ = own_.data();
+  }
+  FloatSpan(FloatSpan&& o) noexcept : p_(o.p_), n_(o.n_), own_(std::move(o.own_)) {
+    o.p_ = nullptr;
+    o.n_ = 0;
+  }
+  FloatSpan& operator=(FloatSpan o) noexcept {
+    std::swap(p_, o.p_);
+    std::swap(n_, o.n_);
+    own_.swap(o.own_);  // a vector swap keeps the buffers, so p_ stays valid
+    return *this;
+  }
+  const float* data() const { return p_; }
+  size_t size() const { return n_; }
+  bool empty() const { return n_ == 0; }
+  const float& operator[](size_t i) const { return p_[i]; }
+  bool is_owned() const { return !own_.empty(); }
+
+ private:
+  const float* p_ = nullptr;
+  size_t n_ = 0;
+  std::vector<float> own_;
+};
+
+// The token embedding table, read in place from the mapping (F32 or F16 rows; only the rows of the
+// prompts are ever touched). row() converts F16 per element with kernels::fp16_to_fp32.
+struct EmbedTable {
+  const uint8_t* data = nullptr;  // [rows, cols] in the file's dtype (validated: in bounds, finite)
+  uint32_t type = 0;              // gguf::TensorType: 0 F32, 1 F16
+  int64_t rows = 0, cols = 0;
+  void row(int64_t i, float* out) const;  // i in [0, rows) (the caller checks)
+};
+
+// Source bytes per validation / packing chunk of a large f32 tensor (16 MiB; tests lower it to run the
+// chunked paths on tiny models).
+extern int64_t g_pack_chunk_bytes;
+// Packs W [N, K] (fp32 rows supplied by `rows`) into `out` (the kernels' F32 layout, [Np/16][K][16]) in
+// chunks of chunk_rows (a multiple of 16): rows(n0, n1, tmp) returns rows [n0, n1) (row stride K), either
+// in place or in *tmp; done(n0, n1) is called once they are packed (the loader releases their source
+// pages there). The result is byte-identical to one f32_pack of the whole matrix (tests check); at most
+// one chunk of source and of packed scratch is alive besides `out`.
+using RowSource = std::function<const float*(int64_t n0, int64_t n1, std::vector<float>* tmp)>;
+void pack_f32_rows(const RowSource& rows, const std::function<void(int64_t, int64_t)>& done, int64_t N, int64_t K,
+                   int64_t chunk_rows, kernels::F32Weights* out, ThreadPool* pool, const char* what);
+
 struct Linear {
   enum Kind { kNone, kF32, kW8A8, kWoq } kind = kNone;
   int64_t N = 0, K = 0;
@@ -101,7 +166,7 @@ struct Linear {
   kernels::W8A8Weights w8;
   float input_scale = 0.f;
   kernels::WoqWeights woq;
-  std::vector<float> bias;  // empty or N
+  FloatSpan bias;           // empty or N
   std::string desc;         // "f32", "w8a8", "int4-g32", "int8-g256-2:4", ...
   int64_t bytes = 0;        // packed bytes
   std::vector<Linear> parts;  // non-empty: a group that could not be fused; part i writes columns [off_i, off_i + N_i)
@@ -117,11 +182,11 @@ void run_linear(const Linear& L, const float* x, int64_t M, int64_t ldx, float* 
                 ThreadPool* pool);
 
 struct VitBlock {
-  std::vector<float> ln1_w, ln1_b, ln2_w, ln2_b;
+  FloatSpan ln1_w, ln1_b, ln2_w, ln2_b;
   Linear qkv, out, fc1, fc2;
 };
 struct TextBlock {
-  std::vector<float> ln_in, ln_post;
+  FloatSpan ln_in, ln_post;
   Linear qkv, o, gate_up, down;        // prefill (main) set
   Linear d_qkv, d_o, d_gate_up, d_down;  // decode set (kind kNone = use the main set)
   const Linear& dec_qkv() const { return d_qkv.valid() ? d_qkv : qkv; }
@@ -131,6 +196,10 @@ struct TextBlock {
 };
 
 struct Model {
+  // The model file's mapping: the embedding table, norm weights, position embedding, biases (every
+  // FloatSpan view) point into it. First member, so it is unmapped after everything else is gone.
+  std::shared_ptr<const gguf::Mapping> mapping;
+  int64_t mapped_bytes = 0;  // tensor bytes served in place from the mapping
   Config cfg;
   Tokenizer tok;
   std::string path;
@@ -139,13 +208,13 @@ struct Model {
   std::string prefill_desc, decode_desc;
   // vision
   Linear patch_embed;
-  std::vector<float> cls, pos_embed, pre_ln_w, pre_ln_b;
+  FloatSpan cls, pos_embed, pre_ln_w, pre_ln_b;
   std::vector<VitBlock> vit;
   Linear proj1, proj2;
   // text
-  std::vector<float> embed;  // [V, D]
+  EmbedTable embed;  // [V, D], in the mapping
   std::vector<TextBlock> blocks;
-  std::vector<float> norm_w;
+  FloatSpan norm_w;
   Linear lm_head, d_lm_head;
   kernels::RopeTable rope;
   // threads

@@ -364,7 +364,7 @@ void Session::eval(const int32_t* ids, size_t n, std::vector<float>* logits, boo
       std::memcpy(&x[size_t(r * D)], enc.embeds.data(), size_t(enc.k * D) * 4);
       r += enc.k;
     } else {
-      std::memcpy(&x[size_t(r * D)], &m->embed[size_t(ids[i]) * size_t(D)], size_t(D) * 4);
+      m->embed.row(ids[i], &x[size_t(r * D)]);
       ++r;
     }
   }

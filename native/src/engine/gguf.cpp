@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 
 namespace edgemm {
@@ -38,12 +39,24 @@ size_t tensor_type_size(uint32_t t) {
   }
 }
 
+Mapping::~Mapping() {
+  if (addr_) munmap(addr_, size_);
+}
+
+void Mapping::release(const void* p, size_t n) const {
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(addr_), hi = lo + size_;
+  uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (!addr_ || n == 0 || a < lo || a > hi || n > hi - a) return;
+  static const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE) > 0 ? sysconf(_SC_PAGESIZE) : 4096);
+  uintptr_t b = (a + n) / page * page;
+  a = (a + page - 1) / page * page;
+  if (b > a) madvise(reinterpret_cast<void*>(a), size_t(b - a), MADV_DONTNEED);
+}
+
 File::~File() { unmap(); }
 
 void File::unmap() {
-  if (map_) munmap(map_, map_size_);
-  map_ = nullptr;
-  map_size_ = 0;
+  map_.reset();
   base_ = nullptr;
   size_ = 0;
 }
@@ -88,9 +101,14 @@ int File::open(const std::string& path, std::string* err) {
     *err = "cannot mmap " + path + ": " + std::strerror(errno);
     return 2;
   }
-  map_ = m;
-  map_size_ = n;
-  base_ = static_cast<const uint8_t*>(m);
+  try {
+    map_ = std::make_shared<const Mapping>(m, n);
+  } catch (...) {
+    munmap(m, n);
+    *err = "out of memory mapping " + path;
+    return 2;
+  }
+  base_ = map_->data();
   size_ = n;
   int rc = parse(err);
   if (rc != 0) {

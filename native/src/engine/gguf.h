@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -45,6 +46,26 @@ struct TensorInfo {
   }
 };
 
+// A read-only (PROT_READ, MAP_PRIVATE) mapping of a model file. The File that parsed it and the model that
+// serves tensors from it share it; it is unmapped when the last owner goes.
+class Mapping {
+ public:
+  Mapping(void* addr, size_t size) : addr_(addr), size_(size) {}
+  ~Mapping();
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  const uint8_t* data() const { return static_cast<const uint8_t*>(addr_); }
+  size_t size() const { return size_; }
+  // Drops this process's references to the pages lying entirely inside [p, p + n) (MADV_DONTNEED), so
+  // they stop counting in its RSS. The content is unchanged: the mapping is never written, so a later
+  // access faults the same bytes back in from the page cache. No-op for ranges outside the mapping.
+  void release(const void* p, size_t n) const;
+
+ private:
+  void* addr_;
+  size_t size_;
+};
+
 class File {
  public:
   File() = default;
@@ -64,14 +85,19 @@ class File {
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
   const TensorInfo* find_tensor(const std::string& name) const;
   size_t file_size() const { return size_; }
+  // The mapping behind tensors()' data pointers (null after open_memory). Holding it keeps them valid
+  // after this File is gone.
+  const std::shared_ptr<const Mapping>& mapping() const { return map_; }
+  void release(const void* p, size_t n) const {
+    if (map_) map_->release(p, n);
+  }
 
  private:
   int parse(std::string* err);
   void unmap();
   const uint8_t* base_ = nullptr;
   size_t size_ = 0;
-  void* map_ = nullptr;
-  size_t map_size_ = 0;
+  std::shared_ptr<const Mapping> map_;
   uint32_t version_ = 0;
   uint64_t alignment_ = 32;
   std::map<std::string, KV> kv_;

@@ -254,6 +254,38 @@ void parse_config(const std::string& text, Config* c) {
 // ---------------------------------------------------------------------------------------- tensors
 namespace {
 
+// Tensors are read in place from the file's mapping wherever the kernels use the file layout (the
+// embedding table, norm weights, position/class embeddings, biases); the rest is packed straight from
+// the mapping (no canonical copy; fused quantized groups, F16 or misaligned data go through one transient
+// buffer of the group or chunk). Source pages are released from the RSS (Mapping::release) once packed
+// or validated.
+
+template <class T>
+bool aligned_for(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % alignof(T) == 0;
+}
+
+[[noreturn]] void non_finite(const std::string& name) {
+  fail(EDGEMM_ERR_FORMAT, "tensor '" + name + "' holds a non-finite value");
+}
+void check_finite(const float* p, size_t n, const std::string& name) {
+  for (size_t i = 0; i < n; ++i)
+    if (!std::isfinite(p[i])) non_finite(name);
+}
+// Elements [i0, i0 + n) of an F32 or F16 tensor as fp32 into out (any alignment), checked finite.
+void convert_floats(const gguf::TensorInfo& t, size_t i0, size_t n, float* out) {
+  if (t.type == 0) {
+    std::memcpy(out, t.data + 4 * i0, n * 4);
+  } else {
+    for (size_t i = 0; i < n; ++i) {
+      uint16_t h;
+      std::memcpy(&h, t.data + 2 * (i0 + i), 2);
+      out[i] = kernels::fp16_to_fp32(h);
+    }
+  }
+  check_finite(out, n, t.name);
+}
+
 struct Loader {
   const gguf::File& f;
   std::set<std::string> used;
@@ -277,49 +309,112 @@ struct Loader {
       if (t.type == ty) return;
     fail(EDGEMM_ERR_FORMAT, "tensor '" + t.name + "' has dtype " + gguf::tensor_type_name(t.type) + ", expected " + what);
   }
-  std::vector<float> floats(const std::string& name, const std::vector<int64_t>& shape) {
+  // An F32/F16 tensor as fp32, checked finite: in place when F32 and 4-byte aligned, else converted.
+  FloatSpan floats(const std::string& name, const std::vector<int64_t>& shape) {
     const gguf::TensorInfo& t = get(name, shape);
     want_type(t, {0, 1}, "F32 or F16");
-    std::vector<float> out(static_cast<size_t>(t.numel()));
-    if (t.type == 0) {
-      std::memcpy(out.data(), t.data, out.size() * 4);
-    } else {
-      for (size_t i = 0; i < out.size(); ++i) {
-        uint16_t h;
-        std::memcpy(&h, t.data + 2 * i, 2);
-        out[i] = kernels::fp16_to_fp32(h);
-      }
+    const size_t n = static_cast<size_t>(t.numel());
+    if (t.type == 0 && aligned_for<float>(t.data)) {
+      const float* p = reinterpret_cast<const float*>(t.data);
+      check_finite(p, n, name);
+      return FloatSpan::view(p, n);
     }
-    for (float x : out)
-      if (!std::isfinite(x)) fail(EDGEMM_ERR_FORMAT, "tensor '" + name + "' holds a non-finite value");
-    return out;
+    std::vector<float> out(n);
+    convert_floats(t, 0, n, out.data());
+    return FloatSpan::owned(std::move(out));
   }
+  // A raw tensor of element type T (GGUF dtype `type`): in place when aligned for T, else copied to *own.
+  // The mapped bytes are appended to *src (released after packing).
   template <class T>
-  std::vector<T> raw(const std::string& name, const std::vector<int64_t>& shape, uint32_t type, const char* what) {
+  const T* raw(const std::string& name, const std::vector<int64_t>& shape, uint32_t type, const char* what,
+               std::vector<T>* own, std::vector<std::pair<const uint8_t*, size_t>>* src) {
     const gguf::TensorInfo& t = get(name, shape);
     want_type(t, {type}, what);
-    std::vector<T> out(static_cast<size_t>(t.numel()));
-    std::memcpy(out.data(), t.data, out.size() * sizeof(T));
-    return out;
+    if (src) src->emplace_back(t.data, size_t(t.nbytes));
+    if (aligned_for<T>(t.data)) return reinterpret_cast<const T*>(t.data);
+    own->resize(static_cast<size_t>(t.numel()));
+    std::memcpy(own->data(), t.data, own->size() * sizeof(T));
+    return own->data();
   }
 };
 
-// Canonical (unpacked) linear, so q/k/v and gate/up can be concatenated before packing.
+// A linear as stored in the file, before packing: f32 weights as row segments of mapped tensors (one per
+// fused part), quantized arrays as pointers into the mapping or into the own_* storage (misaligned data,
+// fused concatenations). Move-only: the pointers may point into its own vectors.
 struct Canon {
   std::string kind;  // f32 | w8a8 | int4 | int8
   std::string name;
   int64_t N = 0, K = 0, G = 0;
   bool has_zeros = false, sparse24 = false;
-  std::vector<float> w;                // f32 [N, K]
-  std::vector<int8_t> q8;              // int8 / w8a8 [N, K]
-  std::vector<uint8_t> q4;             // int4 [N, K/2]
-  std::vector<uint16_t> scales;        // [N, K/G]
-  std::vector<uint8_t> zeros;          // [N, K/G] raw bytes
-  std::vector<float> wscale;           // w8a8 [N]
+  struct Seg {
+    const gguf::TensorInfo* t;  // F32 or F16 [rows, K]
+    int64_t rows;
+  };
+  std::vector<Seg> segs;            // f32 W [N, K] = the segments' rows in order
+  const int8_t* q8 = nullptr;       // int8 / w8a8 [N, K]
+  const uint8_t* q4 = nullptr;      // int4 [N, K/2]
+  const uint16_t* scales = nullptr; // [N, K/G]
+  const uint8_t* zeros = nullptr;   // [N, K/G] raw bytes
+  const float* wscale = nullptr;    // w8a8 [N]
+  std::vector<int8_t> own_q8;
+  std::vector<uint8_t> own_q4, own_zeros;
+  std::vector<uint16_t> own_scales;
+  std::vector<float> own_wscale;
   float input_scale = 0.f;
   std::vector<int32_t> outliers;
-  std::vector<float> bias;
+  FloatSpan bias;
+  std::vector<std::pair<const uint8_t*, size_t>> src;  // mapped bytes of the quantized arrays
+
+  Canon() = default;
+  Canon(Canon&&) = default;
+  Canon& operator=(Canon&&) = default;
+  Canon(const Canon&) = delete;
+  Canon& operator=(const Canon&) = delete;
 };
+
+// Rows [n0, n1) of an f32 Canon (row stride K), checked finite: in place when they lie in one aligned
+// F32 segment, else copied / converted into *tmp.
+const float* f32_rows(const Canon& c, int64_t n0, int64_t n1, std::vector<float>* tmp) {
+  int64_t base = 0;
+  for (const Canon::Seg& s : c.segs) {
+    if (n0 >= base && n1 <= base + s.rows && s.t->type == 0 && aligned_for<float>(s.t->data)) {
+      const float* p = reinterpret_cast<const float*>(s.t->data) + (n0 - base) * c.K;
+      check_finite(p, size_t((n1 - n0) * c.K), s.t->name);
+      return p;
+    }
+    base += s.rows;
+  }
+  tmp->resize(size_t((n1 - n0) * c.K));
+  base = 0;
+  for (const Canon::Seg& s : c.segs) {
+    const int64_t a = std::max(n0, base), b = std::min(n1, base + s.rows);
+    if (a < b) convert_floats(*s.t, size_t((a - base) * c.K), size_t((b - a) * c.K), tmp->data() + (a - n0) * c.K);
+    base += s.rows;
+  }
+  return tmp->data();
+}
+// Releases the mapped source pages of rows [n0, n1) of an f32 Canon.
+void release_rows(const gguf::File& f, const Canon& c, int64_t n0, int64_t n1) {
+  int64_t base = 0;
+  for (const Canon::Seg& s : c.segs) {
+    const int64_t a = std::max(n0, base), b = std::min(n1, base + s.rows);
+    const size_t es = gguf::tensor_type_size(s.t->type);
+    if (a < b) f.release(s.t->data + size_t((a - base) * c.K) * es, size_t((b - a) * c.K) * es);
+    base += s.rows;
+  }
+}
+int64_t chunk_rows_for(int64_t K) { return std::max<int64_t>(16, g_pack_chunk_bytes / (K * 4) / 16 * 16); }
+
+// Validates the f32 weights of a linear that is not packed (ViT blocks past the feature layer).
+void validate_f32(const gguf::File& f, const Canon& c) {
+  std::vector<float> tmp;
+  const int64_t step = chunk_rows_for(c.K);
+  for (int64_t n0 = 0; n0 < c.N; n0 += step) {
+    const int64_t n1 = std::min(c.N, n0 + step);
+    f32_rows(c, n0, n1, &tmp);
+    release_rows(f, c, n0, n1);
+  }
+}
 
 Canon load_canon(Loader& L, const Config& cfg, const std::string& name, const std::string& prefix,
                  const std::map<std::string, LayerQuant>& quant, int64_t N, int64_t K, bool bias) {
@@ -331,24 +426,28 @@ Canon load_canon(Loader& L, const Config& cfg, const std::string& name, const st
   auto it = quant.find(name);
   if (it == quant.end()) {
     c.kind = "f32";
-    c.w = L.floats(p + ".weight", {N, K});
+    const gguf::TensorInfo& t = L.get(p + ".weight", {N, K});
+    L.want_type(t, {0, 1}, "F32 or F16");
+    c.segs.push_back({&t, N});  // checked finite when packed (or by validate_f32)
   } else {
     const LayerQuant& q = it->second;
     c.kind = q.format;
     if (q.format == "w8a8") {
-      c.q8 = L.raw<int8_t>(p + ".qweight", {N, K}, 24, "I8");
-      for (int8_t v : c.q8)
-        if (v == -128) fail(EDGEMM_ERR_FORMAT, "tensor '" + p + ".qweight' holds code -128 (W8A8 codes must be in [-127, 127])");
-      c.wscale = L.raw<float>(p + ".weight_scale", {N}, 0, "F32");
-      auto is = L.raw<float>(p + ".input_scale", {1}, 0, "F32");
-      c.input_scale = is[0];
+      c.q8 = L.raw<int8_t>(p + ".qweight", {N, K}, 24, "I8", &c.own_q8, &c.src);
+      for (int64_t i = 0; i < N * K; ++i)
+        if (c.q8[i] == -128) fail(EDGEMM_ERR_FORMAT, "tensor '" + p + ".qweight' holds code -128 (W8A8 codes must be in [-127, 127])");
+      c.wscale = L.raw<float>(p + ".weight_scale", {N}, 0, "F32", &c.own_wscale, nullptr);
+      std::vector<float> is;
+      c.input_scale = *L.raw<float>(p + ".input_scale", {1}, 0, "F32", &is, nullptr);
       if (!(c.input_scale > 0) || !std::isfinite(c.input_scale))
         fail(EDGEMM_ERR_FORMAT, "tensor '" + p + ".input_scale' must be a finite positive scale");
-      for (float s : c.wscale)
-        if (!std::isfinite(s)) fail(EDGEMM_ERR_FORMAT, "tensor '" + p + ".weight_scale' holds a non-finite value");
+      for (int64_t i = 0; i < N; ++i)
+        if (!std::isfinite(c.wscale[i])) fail(EDGEMM_ERR_FORMAT, "tensor '" + p + ".weight_scale' holds a non-finite value");
       if (const gguf::TensorInfo* t = L.f.find_tensor(p + ".outlier_channels")) {
         if (t->shape.size() != 1) fail(EDGEMM_ERR_FORMAT, "tensor '" + t->name + "' must be 1-D");
-        c.outliers = L.raw<int32_t>(p + ".outlier_channels", {t->shape[0]}, 26, "I32");
+        std::vector<int32_t> own;
+        const int32_t* o = L.raw<int32_t>(p + ".outlier_channels", {t->shape[0]}, 26, "I32", &own, nullptr);
+        c.outliers.assign(o, o + t->shape[0]);
         for (int32_t ch : c.outliers)
           if (ch < 0 || ch >= K) fail(EDGEMM_ERR_FORMAT, "tensor '" + t->name + "' holds channel " + std::to_string(ch) + " outside [0, " + std::to_string(K) + ")");
       }
@@ -358,19 +457,20 @@ Canon load_canon(Loader& L, const Config& cfg, const std::string& name, const st
       if (c.G % 32) fail(EDGEMM_ERR_UNSUPPORTED, "layer '" + p + "': group_size " + std::to_string(c.G) + " (the kernels need a multiple of 32)");
       if (q.format == "int4") {
         if (K % 2) fail(EDGEMM_ERR_FORMAT, "layer '" + p + "': int4 needs an even in_features");
-        c.q4 = L.raw<uint8_t>(p + ".qweight", {N, K / 2}, 24, "I8 (raw int4 bytes)");
+        c.q4 = L.raw<uint8_t>(p + ".qweight", {N, K / 2}, 24, "I8 (raw int4 bytes)", &c.own_q4, &c.src);
       } else {
-        c.q8 = L.raw<int8_t>(p + ".qweight", {N, K}, 24, "I8");
+        c.q8 = L.raw<int8_t>(p + ".qweight", {N, K}, 24, "I8", &c.own_q8, &c.src);
       }
-      c.scales = L.raw<uint16_t>(p + ".scales", {N, K / c.G}, 1, "F16");
-      for (uint16_t h : c.scales)
-        if ((h & 0x7C00) == 0x7C00) fail(EDGEMM_ERR_FORMAT, "tensor '" + p + ".scales' holds a non-finite value");
+      const int64_t ng = N * (K / c.G);
+      c.scales = L.raw<uint16_t>(p + ".scales", {N, K / c.G}, 1, "F16", &c.own_scales, &c.src);
+      for (int64_t i = 0; i < ng; ++i)
+        if ((c.scales[i] & 0x7C00) == 0x7C00) fail(EDGEMM_ERR_FORMAT, "tensor '" + p + ".scales' holds a non-finite value");
       if (!q.symmetric || L.has(p + ".zeros")) {
-        c.zeros = L.raw<uint8_t>(p + ".zeros", {N, K / c.G}, 24, "I8");
+        c.zeros = L.raw<uint8_t>(p + ".zeros", {N, K / c.G}, 24, "I8", &c.own_zeros, &c.src);
         c.has_zeros = true;
         if (q.format == "int4")
-          for (uint8_t z : c.zeros)
-            if (z > 15) fail(EDGEMM_ERR_FORMAT, "tensor '" + p + ".zeros' holds an int4 zero point > 15");
+          for (int64_t i = 0; i < ng; ++i)
+            if (c.zeros[i] > 15) fail(EDGEMM_ERR_FORMAT, "tensor '" + p + ".zeros' holds an int4 zero point > 15");
       }
       auto sp = cfg.sparsity.find(name);
       c.sparse24 = sp != cfg.sparsity.end() && sp->second.first == 2 && sp->second.second == 4;
@@ -387,77 +487,97 @@ bool can_fuse(const Canon& a, const Canon& b) {
   return true;
 }
 
+// Concatenates compatible parts along N: f32 by segments (no copy); quantized arrays and biases into one
+// transient buffer each (the group's size, freed after packing).
 Canon concat(std::vector<Canon> parts) {
-  Canon c = std::move(parts[0]);
-  bool any_bias = !c.bias.empty();
-  for (size_t i = 1; i < parts.size(); ++i) any_bias = any_bias || !parts[i].bias.empty();
-  if (any_bias && c.bias.empty()) c.bias.assign(size_t(c.N), 0.f);
-  for (size_t i = 1; i < parts.size(); ++i) {
-    Canon& p = parts[i];
-    c.name += "+" + p.name;
-    c.w.insert(c.w.end(), p.w.begin(), p.w.end());
-    c.q8.insert(c.q8.end(), p.q8.begin(), p.q8.end());
-    c.q4.insert(c.q4.end(), p.q4.begin(), p.q4.end());
-    c.scales.insert(c.scales.end(), p.scales.begin(), p.scales.end());
-    c.zeros.insert(c.zeros.end(), p.zeros.begin(), p.zeros.end());
-    c.wscale.insert(c.wscale.end(), p.wscale.begin(), p.wscale.end());
+  Canon c;
+  c.kind = parts[0].kind;
+  c.name = parts[0].name;
+  c.K = parts[0].K;
+  c.G = parts[0].G;
+  c.has_zeros = parts[0].has_zeros;
+  c.sparse24 = parts[0].sparse24;
+  c.input_scale = parts[0].input_scale;
+  bool any_bias = false;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    any_bias = any_bias || !parts[i].bias.empty();
+    if (i) c.name += "+" + parts[i].name;
+  }
+  std::vector<float> bias;
+  const int64_t gpr = c.G ? c.K / c.G : 0;  // groups per row
+  for (Canon& p : parts) {
+    c.segs.insert(c.segs.end(), p.segs.begin(), p.segs.end());
+    if (p.q8) c.own_q8.insert(c.own_q8.end(), p.q8, p.q8 + p.N * p.K);
+    if (p.q4) c.own_q4.insert(c.own_q4.end(), p.q4, p.q4 + p.N * (p.K / 2));
+    if (p.scales) c.own_scales.insert(c.own_scales.end(), p.scales, p.scales + p.N * gpr);
+    if (p.zeros) c.own_zeros.insert(c.own_zeros.end(), p.zeros, p.zeros + p.N * gpr);
+    if (p.wscale) c.own_wscale.insert(c.own_wscale.end(), p.wscale, p.wscale + p.N);
     for (int32_t ch : p.outliers)
       if (std::find(c.outliers.begin(), c.outliers.end(), ch) == c.outliers.end()) c.outliers.push_back(ch);
     if (any_bias) {
-      if (p.bias.empty()) p.bias.assign(size_t(p.N), 0.f);
-      c.bias.insert(c.bias.end(), p.bias.begin(), p.bias.end());
+      if (p.bias.empty()) bias.insert(bias.end(), size_t(p.N), 0.f);
+      else bias.insert(bias.end(), p.bias.data(), p.bias.data() + p.bias.size());
     }
+    c.src.insert(c.src.end(), p.src.begin(), p.src.end());
     c.N += p.N;
   }
+  if (parts[0].q8) c.q8 = c.own_q8.data();
+  if (parts[0].q4) c.q4 = c.own_q4.data();
+  if (parts[0].scales) c.scales = c.own_scales.data();
+  if (parts[0].zeros) c.zeros = c.own_zeros.data();
+  if (parts[0].wscale) c.wscale = c.own_wscale.data();
+  if (any_bias) c.bias = FloatSpan::owned(std::move(bias));
   return c;
 }
 
-void pack(const Canon& c, Linear* L, ThreadPool* pool) {
+void pack(const gguf::File& f, Canon&& c, Linear* L, ThreadPool* pool) {
   L->N = c.N;
   L->K = c.K;
-  L->bias = c.bias;
+  L->bias = std::move(c.bias);
   std::string what = "packing '" + c.name + "'";
   if (c.kind == "f32") {
     L->kind = Linear::kF32;
-    check_kernel(kernels::f32_pack(c.w.data(), c.K, c.N, c.K, &L->f32, pool), what.c_str());
+    pack_f32_rows([&](int64_t n0, int64_t n1, std::vector<float>* tmp) { return f32_rows(c, n0, n1, tmp); },
+                  [&](int64_t n0, int64_t n1) { release_rows(f, c, n0, n1); }, c.N, c.K, chunk_rows_for(c.K),
+                  &L->f32, pool, what.c_str());
     L->desc = "f32";
     L->bytes = c.N * c.K * 4;
   } else if (c.kind == "w8a8") {
     L->kind = Linear::kW8A8;
     L->input_scale = c.input_scale;
-    check_kernel(kernels::w8a8_pack(c.q8.data(), c.K, c.wscale.data(), c.N, c.K, c.outliers.data(),
-                                    int64_t(c.outliers.size()), &L->w8, pool),
+    check_kernel(kernels::w8a8_pack(c.q8, c.K, c.wscale, c.N, c.K, c.outliers.data(), int64_t(c.outliers.size()),
+                                    &L->w8, pool),
                  what.c_str());
     L->desc = "w8a8";
     L->bytes = c.N * c.K;
   } else {
     L->kind = Linear::kWoq;
     kernels::Status s;
-    const uint8_t* z4 = c.has_zeros ? c.zeros.data() : nullptr;
-    const int8_t* z8 = c.has_zeros ? reinterpret_cast<const int8_t*>(c.zeros.data()) : nullptr;
+    const uint8_t* z4 = c.has_zeros ? c.zeros : nullptr;
+    const int8_t* z8 = c.has_zeros ? reinterpret_cast<const int8_t*>(c.zeros) : nullptr;
     if (c.kind == "int4")
-      s = c.sparse24 ? kernels::woq_pack_int4_sparse24(c.q4.data(), c.scales.data(), z4, c.N, c.K, c.G, &L->woq, pool)
-                     : kernels::woq_pack_int4(c.q4.data(), c.scales.data(), z4, c.N, c.K, c.G, &L->woq, pool);
+      s = c.sparse24 ? kernels::woq_pack_int4_sparse24(c.q4, c.scales, z4, c.N, c.K, c.G, &L->woq, pool)
+                     : kernels::woq_pack_int4(c.q4, c.scales, z4, c.N, c.K, c.G, &L->woq, pool);
     else
-      s = c.sparse24 ? kernels::woq_pack_int8_sparse24(c.q8.data(), c.scales.data(), z8, c.N, c.K, c.G, &L->woq, pool)
-                     : kernels::woq_pack_int8(c.q8.data(), c.scales.data(), z8, c.N, c.K, c.G, &L->woq, pool);
+      s = c.sparse24 ? kernels::woq_pack_int8_sparse24(c.q8, c.scales, z8, c.N, c.K, c.G, &L->woq, pool)
+                     : kernels::woq_pack_int8(c.q8, c.scales, z8, c.N, c.K, c.G, &L->woq, pool);
     if (s == kernels::Status::kNotSparse)
       fail(EDGEMM_ERR_FORMAT, "layer '" + c.name + "' is marked 2:4 sparse in extras.sparsity but a group of 4 has more than 2 nonzeros");
     check_kernel(s, what.c_str());
     L->desc = c.kind + "-g" + std::to_string(c.G) + (c.has_zeros ? "-asym" : "") + (c.sparse24 ? "-2:4" : "");
     L->bytes = int64_t(kernels::woq_bytes(L->woq));
   }
+  for (const auto& s : c.src) f.release(s.first, s.second);
 }
 
 // Loads the named linears (main set, or decode set with prefix "decode."), fusing when compatible.
 void load_fused(Loader& L, const Config& cfg, const std::vector<std::string>& names, const std::vector<int64_t>& Ns,
                 int64_t K, bool bias, const std::string& prefix, const std::map<std::string, LayerQuant>& quant,
-                std::vector<Linear*> outs_if_split, Linear* fused_out, ThreadPool* pool) {
+                Linear* fused_out, ThreadPool* pool) {
   std::vector<Canon> parts;
   for (size_t i = 0; i < names.size(); ++i) parts.push_back(load_canon(L, cfg, names[i], prefix, quant, Ns[i], K, bias));
   bool ok = true;
   for (size_t i = 1; i < parts.size(); ++i) ok = ok && can_fuse(parts[0], parts[i]);
-  (void)outs_if_split;
   if (!ok) {
     // Mixed formats or W8A8 input scales: run the parts one after another into their column ranges.
     fused_out->N = 0;
@@ -465,8 +585,8 @@ void load_fused(Loader& L, const Config& cfg, const std::vector<std::string>& na
     fused_out->parts.resize(parts.size());
     std::string d;
     for (size_t i = 0; i < parts.size(); ++i) {
-      pack(parts[i], &fused_out->parts[i], pool);
-      fused_out->N += parts[i].N;
+      pack(L.f, std::move(parts[i]), &fused_out->parts[i], pool);
+      fused_out->N += fused_out->parts[i].N;
       fused_out->bytes += fused_out->parts[i].bytes;
       d += (i ? "|" : "") + fused_out->parts[i].desc;
     }
@@ -474,8 +594,7 @@ void load_fused(Loader& L, const Config& cfg, const std::vector<std::string>& na
     fused_out->desc = d;
     return;
   }
-  Canon c = concat(std::move(parts));
-  pack(c, fused_out, pool);
+  pack(L.f, concat(std::move(parts)), fused_out, pool);
 }
 
 std::string read_text_file(const std::string& path) {
@@ -504,6 +623,56 @@ uint32_t kv_u32(const gguf::File& f, const char* key) {
 }
 
 }  // namespace
+
+int64_t g_pack_chunk_bytes = int64_t(16) << 20;
+
+void EmbedTable::row(int64_t i, float* out) const {
+  const size_t n = size_t(cols);
+  if (type == 0) {
+    std::memcpy(out, data + size_t(i) * n * 4, n * 4);
+  } else {
+    const uint8_t* p = data + size_t(i) * n * 2;
+    for (size_t k = 0; k < n; ++k) {
+      uint16_t h;
+      std::memcpy(&h, p + 2 * k, 2);
+      out[k] = kernels::fp16_to_fp32(h);
+    }
+  }
+}
+
+void pack_f32_rows(const RowSource& rows, const std::function<void(int64_t, int64_t)>& done, int64_t N, int64_t K,
+                   int64_t chunk_rows, kernels::F32Weights* out, ThreadPool* pool, const char* what) {
+  if (N <= 0 || K <= 0 || chunk_rows <= 0 || chunk_rows % 16) fail(EDGEMM_ERR_INTERNAL, std::string(what) + ": bad chunking");
+  std::vector<float> tmp;
+  if (N <= chunk_rows) {
+    check_kernel(kernels::f32_pack(rows(0, N, &tmp), K, N, K, out, pool), what);
+    done(0, N);
+    return;
+  }
+  // [Np/16][K][16]: the panels of rows [n0, n1) (n0 % 16 == 0) are the contiguous range from n0 * K.
+  kernels::F32Weights part;
+  size_t slack = 0;  // elements f32_pack allocates past Np * K (zero), kept as they are
+  for (int64_t n0 = 0; n0 < N; n0 += chunk_rows) {
+    const int64_t n1 = std::min(N, n0 + chunk_rows);
+    check_kernel(kernels::f32_pack(rows(n0, n1, &tmp), K, n1 - n0, K, &part, pool), what);
+    const size_t body = size_t(part.Np * K);
+    if (part.N != n1 - n0 || part.K != K || part.Np != (n1 - n0 + 15) / 16 * 16 || part.data.size() < body)
+      fail(EDGEMM_ERR_INTERNAL, std::string(what) + ": unexpected f32 packed layout");
+    if (n0 == 0) {
+      slack = part.data.size() - body;
+      out->N = N;
+      out->K = K;
+      out->Np = (N + 15) / 16 * 16;
+      if (!out->data.resize(size_t(out->Np * K) + slack))
+        fail(EDGEMM_ERR_OUT_OF_MEMORY, std::string(what) + ": out of memory");
+      if (slack) std::memset(out->data.data() + out->Np * K, 0, slack * sizeof(float));
+    } else if (part.data.size() - body != slack) {
+      fail(EDGEMM_ERR_INTERNAL, std::string(what) + ": unexpected f32 packed layout");
+    }
+    std::memcpy(out->data.data() + n0 * K, part.data.data(), body * sizeof(float));
+    done(n0, n1);
+  }
+}
 
 NpuBackend cpu_int8_backend(ThreadPool* lane_pool) {
   NpuBackend b;
@@ -643,8 +812,7 @@ std::unique_ptr<Model> load_model(const std::string& path_in, const edgemm_load_
   const int64_t Dv = vc.hidden, P = vc.patches(), Dt = tc.hidden;
   const int64_t patch_in = int64_t(vc.num_channels) * vc.patch_size * vc.patch_size;
   {
-    Canon c = load_canon(L, cfg, "vision.patch_embed", "", cfg.quant, Dv, patch_in, vc.patch_bias);
-    pack(c, &m->patch_embed, pool);
+    pack(f, load_canon(L, cfg, "vision.patch_embed", "", cfg.quant, Dv, patch_in, vc.patch_bias), &m->patch_embed, pool);
   }
   m->cls = L.floats("vision.class_embedding", {Dv});
   m->pos_embed = L.floats("vision.position_embedding", {P + 1, Dv});
@@ -665,20 +833,39 @@ std::unique_ptr<Model> load_model(const std::string& path_in, const edgemm_load_
     b.ln2_b = L.floats(p + "layer_norm2.bias", {Dv});
     if (run) {
       load_fused(L, cfg, {p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"}, {Dv, Dv, Dv}, Dv, true, "",
-                 cfg.quant, {}, &b.qkv, pool);
-      pack(load_canon(L, cfg, p + "self_attn.out_proj", "", cfg.quant, Dv, Dv, true), &b.out, pool);
-      pack(load_canon(L, cfg, p + "mlp.fc1", "", cfg.quant, vc.inter, Dv, true), &b.fc1, pool);
-      pack(load_canon(L, cfg, p + "mlp.fc2", "", cfg.quant, Dv, vc.inter, true), &b.fc2, pool);
+                 cfg.quant, &b.qkv, pool);
+      pack(f, load_canon(L, cfg, p + "self_attn.out_proj", "", cfg.quant, Dv, Dv, true), &b.out, pool);
+      pack(f, load_canon(L, cfg, p + "mlp.fc1", "", cfg.quant, vc.inter, Dv, true), &b.fc1, pool);
+      pack(f, load_canon(L, cfg, p + "mlp.fc2", "", cfg.quant, Dv, vc.inter, true), &b.fc2, pool);
     } else {
       for (auto& nk : std::vector<std::pair<std::string, std::pair<int64_t, int64_t>>>{
                {"self_attn.q_proj", {Dv, Dv}}, {"self_attn.k_proj", {Dv, Dv}}, {"self_attn.v_proj", {Dv, Dv}},
                {"self_attn.out_proj", {Dv, Dv}}, {"mlp.fc1", {vc.inter, Dv}}, {"mlp.fc2", {Dv, vc.inter}}})
-        load_canon(L, cfg, p + nk.first, "", cfg.quant, nk.second.first, nk.second.second, true);
+      {
+        Canon c = load_canon(L, cfg, p + nk.first, "", cfg.quant, nk.second.first, nk.second.second, true);
+        if (c.kind == "f32") validate_f32(f, c);
+        for (const auto& r : c.src) f.release(r.first, r.second);
+      }
     }
   }
-  pack(load_canon(L, cfg, "projector.linear_1", "", cfg.quant, Dt, Dv, cfg.proj_bias), &m->proj1, pool);
-  pack(load_canon(L, cfg, "projector.linear_2", "", cfg.quant, Dt, Dt, cfg.proj_bias), &m->proj2, pool);
-  m->embed = L.floats("text.embed_tokens.weight", {tc.vocab, Dt});
+  pack(f, load_canon(L, cfg, "projector.linear_1", "", cfg.quant, Dt, Dv, cfg.proj_bias), &m->proj1, pool);
+  pack(f, load_canon(L, cfg, "projector.linear_2", "", cfg.quant, Dt, Dt, cfg.proj_bias), &m->proj2, pool);
+  // The embedding table stays in the mapping (validated here in chunks, whose pages are then released:
+  // a prompt touches only its own rows).
+  const gguf::TensorInfo& embed_t = L.get("text.embed_tokens.weight", {tc.vocab, Dt});
+  L.want_type(embed_t, {0, 1}, "F32 or F16");
+  {
+    Canon e;
+    e.name = embed_t.name;
+    e.N = tc.vocab;
+    e.K = Dt;
+    e.segs.push_back({&embed_t, tc.vocab});
+    validate_f32(f, e);
+    m->embed.data = embed_t.data;
+    m->embed.type = embed_t.type;
+    m->embed.rows = tc.vocab;
+    m->embed.cols = Dt;
+  }
   const int64_t H = tc.heads, Hkv = tc.kv_heads, hd = tc.head_dim, I = tc.inter;
   m->blocks.resize(size_t(tc.layers));
   for (int i = 0; i < tc.layers; ++i) {
@@ -688,10 +875,10 @@ std::unique_ptr<Model> load_model(const std::string& path_in, const edgemm_load_
     b.ln_post = L.floats(p + "post_attention_layernorm.weight", {Dt});
     std::vector<std::string> qkv = {p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"};
     std::vector<std::string> gu = {p + "mlp.gate_proj", p + "mlp.up_proj"};
-    load_fused(L, cfg, qkv, {H * hd, Hkv * hd, Hkv * hd}, Dt, false, "", cfg.quant, {}, &b.qkv, pool);
-    pack(load_canon(L, cfg, p + "self_attn.o_proj", "", cfg.quant, Dt, H * hd, false), &b.o, pool);
-    load_fused(L, cfg, gu, {I, I}, Dt, false, "", cfg.quant, {}, &b.gate_up, pool);
-    pack(load_canon(L, cfg, p + "mlp.down_proj", "", cfg.quant, Dt, I, false), &b.down, pool);
+    load_fused(L, cfg, qkv, {H * hd, Hkv * hd, Hkv * hd}, Dt, false, "", cfg.quant, &b.qkv, pool);
+    pack(f, load_canon(L, cfg, p + "self_attn.o_proj", "", cfg.quant, Dt, H * hd, false), &b.o, pool);
+    load_fused(L, cfg, gu, {I, I}, Dt, false, "", cfg.quant, &b.gate_up, pool);
+    pack(f, load_canon(L, cfg, p + "mlp.down_proj", "", cfg.quant, Dt, I, false), &b.down, pool);
     // decode set: only the layers decode_quantization lists (all of a fused group or none)
     auto dq = [&](const std::string& n) { return cfg.decode_quant.count(n) > 0; };
     auto group = [&](const std::vector<std::string>& names, const std::vector<int64_t>& Ns, int64_t K, Linear* out) {
@@ -700,7 +887,7 @@ std::unique_ptr<Model> load_model(const std::string& path_in, const edgemm_load_
       if (c == 0) return;
       if (c != names.size())
         fail(EDGEMM_ERR_FORMAT, "edgemm.decode_quantization must cover all or none of " + names[0] + " ... " + names.back());
-      load_fused(L, cfg, names, Ns, K, false, "decode.", cfg.decode_quant, {}, out, pool);
+      load_fused(L, cfg, names, Ns, K, false, "decode.", cfg.decode_quant, out, pool);
     };
     group(qkv, {H * hd, Hkv * hd, Hkv * hd}, Dt, &b.d_qkv);
     group({p + "self_attn.o_proj"}, {Dt}, H * hd, &b.d_o);
@@ -714,16 +901,37 @@ std::unique_ptr<Model> load_model(const std::string& path_in, const edgemm_load_
     c.name = "text.lm_head (tied)";
     c.N = tc.vocab;
     c.K = Dt;
-    c.w = m->embed;
-    pack(c, &m->lm_head, pool);
+    c.segs.push_back({&embed_t, tc.vocab});  // packed from the mapped embedding, chunk by chunk
+    pack(f, std::move(c), &m->lm_head, pool);
   } else {
-    pack(load_canon(L, cfg, "text.lm_head", "", cfg.quant, tc.vocab, Dt, false), &m->lm_head, pool);
+    pack(f, load_canon(L, cfg, "text.lm_head", "", cfg.quant, tc.vocab, Dt, false), &m->lm_head, pool);
   }
   if (cfg.decode_quant.count("text.lm_head"))
-    pack(load_canon(L, cfg, "text.lm_head", "decode.", cfg.decode_quant, tc.vocab, Dt, false), &m->d_lm_head, pool);
+    pack(f, load_canon(L, cfg, "text.lm_head", "decode.", cfg.decode_quant, tc.vocab, Dt, false), &m->d_lm_head, pool);
   for (const auto& t : f.tensors())
     if (!L.used.count(t.name))
       fail(EDGEMM_ERR_FORMAT, "unexpected tensor '" + t.name + "' (not implied by the config / decode_quantization)");
+  m->mapping = f.mapping();
+  {
+    int64_t mb = m->embed.rows * m->embed.cols * int64_t(gguf::tensor_type_size(m->embed.type));
+    auto span = [&](const FloatSpan& s) { mb += s.is_owned() ? 0 : int64_t(s.size() * 4); };
+    std::function<void(const Linear&)> lin = [&](const Linear& l) {
+      span(l.bias);
+      for (const Linear& p : l.parts) lin(p);
+    };
+    for (const FloatSpan* s : {&m->cls, &m->pos_embed, &m->pre_ln_w, &m->pre_ln_b, &m->norm_w}) span(*s);
+    for (const Linear* l : {&m->patch_embed, &m->proj1, &m->proj2, &m->lm_head, &m->d_lm_head}) lin(*l);
+    for (const VitBlock& b : m->vit) {
+      for (const FloatSpan* s : {&b.ln1_w, &b.ln1_b, &b.ln2_w, &b.ln2_b}) span(*s);
+      for (const Linear* l : {&b.qkv, &b.out, &b.fc1, &b.fc2}) lin(*l);
+    }
+    for (const TextBlock& b : m->blocks) {
+      span(b.ln_in);
+      span(b.ln_post);
+      for (const Linear* l : {&b.qkv, &b.o, &b.gate_up, &b.down, &b.d_qkv, &b.d_o, &b.d_gate_up, &b.d_down}) lin(*l);
+    }
+    m->mapped_bytes = mb;
+  }
   check_kernel(kernels::rope_init(m->max_context, hd, tc.rope_theta, &m->rope), "RoPE table");
   // descriptions
   auto desc = [&](bool decode) {
@@ -740,7 +948,7 @@ std::unique_ptr<Model> load_model(const std::string& path_in, const edgemm_load_
   m->prefill_desc = desc(false);
   m->decode_desc = desc(true);
 #if defined(__GLIBC__)
-  malloc_trim(0);  // hand the load-time canonical copies back to the OS (glibc keeps freed heap otherwise)
+  malloc_trim(0);  // hand the load-time transient buffers back to the OS (glibc keeps freed heap otherwise)
 #endif
   if (m->npu_lane) {
     int a = std::max(1, nt / 2), b = std::max(1, nt - a);
@@ -816,6 +1024,7 @@ std::string Model::info_json() const {
     bytes += b.qkv.bytes + b.o.bytes + b.gate_up.bytes + b.down.bytes + b.d_qkv.bytes + b.d_o.bytes + b.d_gate_up.bytes +
              b.d_down.bytes;
   add("packed_weight_bytes", std::to_string(bytes));
+  add("mapped_weight_bytes", std::to_string(mapped_bytes));
   const json::Value* ex = cfg.raw.get("extras");
   const json::Value* vt = ex ? ex->get("visual_tokens") : nullptr;
   add("visual_tokens", vt ? json::dump(*vt) : "null");
