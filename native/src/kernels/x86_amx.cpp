@@ -123,16 +123,25 @@ EDGEMM_INLINE void epilogue(const W8A8GemmArgs& g, const int32_t* acc, int64_t m
   }
 }
 
-// Rows tiles ta (and tb if two_a) x panels pa (and pb if two_b); the K loop is unrolled over the tile
-// registers, which must be compile-time constants.
+// One K slice [k0, k0 + nk) (in 64-deep steps) of a 32 x 32 block: row tiles a0 (and a1 if TWO_A) x
+// panels pa (and pb if TWO_B). The accumulators start from zero (first slice) or from `acc` (4 x 256
+// int32); the last slice runs the epilogue, the others store back to `acc`. Tile registers must be
+// compile-time constants, hence the template.
 template <bool TWO_A, bool TWO_B>
-EDGEMM_INLINE void block(const W8A8GemmArgs& g, const int8_t* a0, const int8_t* a1, int64_t lda,
-                         const PanelRef& pa, const PanelRef& pb, int64_t kb, int64_t m0, int32_t* buf) {
-  _tile_zero(0);
-  if (TWO_B) _tile_zero(1);
-  if (TWO_A) _tile_zero(2);
-  if (TWO_A && TWO_B) _tile_zero(3);
-  for (int64_t k = 0; k < kb; ++k) {
+EDGEMM_INLINE void block(const W8A8GemmArgs& g, const int8_t* a0, const int8_t* a1, int64_t lda, const PanelRef& pa,
+                         const PanelRef& pb, int64_t k0, int64_t nk, bool first, bool last, int64_t m0, int32_t* acc) {
+  if (first) {
+    _tile_zero(0);
+    if (TWO_B) _tile_zero(1);
+    if (TWO_A) _tile_zero(2);
+    if (TWO_A && TWO_B) _tile_zero(3);
+  } else {
+    _tile_loadd(0, acc, 64);
+    if (TWO_B) _tile_loadd(1, acc + 256, 64);
+    if (TWO_A) _tile_loadd(2, acc + 512, 64);
+    if (TWO_A && TWO_B) _tile_loadd(3, acc + 768, 64);
+  }
+  for (int64_t k = k0; k < k0 + nk; ++k) {
     _tile_loadd(4, a0 + k * 64, lda);
     if (TWO_A) _tile_loadd(5, a1 + k * 64, lda);
     _tile_loadd(6, pa.base + k * 16 * pa.stride, pa.stride);
@@ -144,34 +153,48 @@ EDGEMM_INLINE void block(const W8A8GemmArgs& g, const int8_t* a0, const int8_t* 
       if (TWO_A) _tile_dpbssd(3, 5, 7);
     }
   }
-  _tile_stored(0, buf, 64);
-  if (TWO_B) _tile_stored(1, buf + 256, 64);
-  if (TWO_A) _tile_stored(2, buf + 512, 64);
-  if (TWO_A && TWO_B) _tile_stored(3, buf + 768, 64);
-  epilogue(g, buf, m0, pa.n0);
-  if (TWO_B) epilogue(g, buf + 256, m0, pb.n0);
-  if (TWO_A) epilogue(g, buf + 512, m0 + 16, pa.n0);
-  if (TWO_A && TWO_B) epilogue(g, buf + 768, m0 + 16, pb.n0);
+  _tile_stored(0, acc, 64);
+  if (TWO_B) _tile_stored(1, acc + 256, 64);
+  if (TWO_A) _tile_stored(2, acc + 512, 64);
+  if (TWO_A && TWO_B) _tile_stored(3, acc + 768, 64);
+  if (!last) return;
+  epilogue(g, acc, m0, pa.n0);
+  if (TWO_B) epilogue(g, acc + 256, m0, pb.n0);
+  if (TWO_A) epilogue(g, acc + 512, m0 + 16, pa.n0);
+  if (TWO_A && TWO_B) epilogue(g, acc + 768, m0 + 16, pb.n0);
 }
 
-// Panels [p0, p1) x 16-row tiles [t0, t1). g.a is the row-major activation buffer, g.Mp its padded row
-// count; the row stride is passed in g.lda.
+// Cache blocking: up to kRowTiles row tiles (128 rows) share each panel pair's weights; K is cut in
+// slices of kSliceSteps x 64 so that a panel pair's slice (2 x 16 x 64 x kSliceSteps bytes = 16 KB) stays
+// in L1 while the row pairs of the block stream their A slices from L2, with the int32 accumulators
+// parked in a small L1 buffer between slices.
+constexpr int64_t kRowTiles = 8, kSliceSteps = 8;
+
+// Panels [p0, p1) x 16-row tiles [t0, t1). g.a is the row-major activation buffer, g.lda its row stride.
 void amx_w8a8_gemm(const W8A8GemmArgs& g, int64_t p0, int64_t p1, int64_t t0, int64_t t1) {
   _tile_loadconfig(&tile_config());
-  alignas(64) int32_t buf[4 * 256];
+  alignas(64) int32_t acc[kRowTiles / 2][4 * 256];
   const int64_t lda = g.lda, kb = (g.Kp + 63) / 64;
   const int8_t* a = reinterpret_cast<const int8_t*>(g.a);
-  for (int64_t p = p0; p < p1; p += 2) {
-    const bool two_b = p + 1 < p1;
-    const PanelRef pa = panel_ref(g, p), pb = two_b ? panel_ref(g, p + 1) : pa;
-    for (int64_t t = t0; t < t1; t += 2) {
-      const bool two_a = t + 1 < t1;
-      const int8_t* a0 = a + t * 16 * lda;
-      const int8_t* a1 = a0 + 16 * lda;
-      if (two_a && two_b) block<true, true>(g, a0, a1, lda, pa, pb, kb, t * 16, buf);
-      else if (two_a) block<true, false>(g, a0, a1, lda, pa, pb, kb, t * 16, buf);
-      else if (two_b) block<false, true>(g, a0, a1, lda, pa, pb, kb, t * 16, buf);
-      else block<false, false>(g, a0, a1, lda, pa, pb, kb, t * 16, buf);
+  for (int64_t tb = t0; tb < t1; tb += kRowTiles) {
+    const int64_t te = std::min(t1, tb + kRowTiles);
+    for (int64_t p = p0; p < p1; p += 2) {
+      const bool two_b = p + 1 < p1;
+      const PanelRef pa = panel_ref(g, p), pb = two_b ? panel_ref(g, p + 1) : pa;
+      for (int64_t k0 = 0; k0 < kb; k0 += kSliceSteps) {
+        const int64_t nk = std::min(kSliceSteps, kb - k0);
+        const bool first = k0 == 0, last = k0 + nk == kb;
+        for (int64_t t = tb; t < te; t += 2) {
+          const bool two_a = t + 1 < te;
+          const int8_t* a0 = a + t * 16 * lda;
+          const int8_t* a1 = a0 + 16 * lda;
+          int32_t* c = acc[(t - tb) / 2];
+          if (two_a && two_b) block<true, true>(g, a0, a1, lda, pa, pb, k0, nk, first, last, t * 16, c);
+          else if (two_a) block<true, false>(g, a0, a1, lda, pa, pb, k0, nk, first, last, t * 16, c);
+          else if (two_b) block<false, true>(g, a0, a1, lda, pa, pb, k0, nk, first, last, t * 16, c);
+          else block<false, false>(g, a0, a1, lda, pa, pb, k0, nk, first, last, t * 16, c);
+        }
+      }
     }
   }
   _tile_release();
