@@ -13,8 +13,10 @@ from .worker import peak_rss_mb
 
 # export options per runtime besides the precision: the native exporter calibrates its W8A8 activation
 # scales on shapes questions; with random weights the scales' quality does not matter for speed, so a
-# small calibration set keeps the export short.
-EXPORT_OPTIONS = {"native": {"calib_n": 8}}
+# small calibration set keeps the export short. The native bundle also runs the vision encoder W8A8 (on
+# the "NPU lane", as mllm-NPU-style deployments do): the peers' int8 exports quantize theirs too
+# (onnxruntime quantize_dynamic, ExecuTorch 8da8w); llama.cpp's mmproj stays F16.
+EXPORT_OPTIONS = {"native": {"calib_n": 8, "vision": "w8a8"}}
 
 
 def export_job(job: dict) -> dict:
