@@ -279,7 +279,7 @@ class _Handle:
 class Model(_Handle):
     """A loaded native model (a model file or a bundle directory). Immutable; shareable by sessions."""
 
-    def __init__(self, path, n_threads: int = 0, npu_lane: bool = True, chunk_size: int = 0, max_context: int = 0):
+    def __init__(self, path, n_threads: int = 0, npu_lane: bool = False, chunk_size: int = 0, max_context: int = 0):
         lib = library()
         p = Path(path)
         if not p.exists():

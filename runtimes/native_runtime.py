@@ -36,7 +36,7 @@ def _artifact(manifest: dict) -> dict:
 class NativeSession(Session):
     runtime = "native"
 
-    def __init__(self, bundle: Path, manifest: dict, threads: int | None = None, npu_lane: bool = True,
+    def __init__(self, bundle: Path, manifest: dict, threads: int | None = None, npu_lane: bool = False,
                  chunk_size: int | None = None, max_context: int | None = None, preprocess: str = "python"):
         super().__init__()
         from edgemm import _native
@@ -132,7 +132,9 @@ def finish_stats(s: dict) -> dict:
 
 
 def open_bundle(path, manifest: dict, threads: int | None = None, **options) -> Session:
-    """Open a bundle's native model file. Options: npu_lane (default True: the two-lane prefill),
+    """Open a bundle's native model file. Options: npu_lane (default False: one lane, every kernel on all
+    threads, in order; True: the two-lane prefill, W8A8 GEMMs on the NPU-lane backend beside the CPU
+    lane; with the CPU int8 backend both lanes share the same cores, which measured slower, docs/native.md),
     chunk_size / max_context (default: the file's), preprocess ("python" or "engine")."""
     unknown = set(options) - set(OPTIONS)
     if unknown:
