@@ -14,8 +14,11 @@ asked and exact), int8 `qweight` I8, int4 `qweight` (uint8 [N, K/2]) as I8 raw b
 `zeros` I8 raw bytes, `weight_scale` F32, `input_scale` F32 [1], `outlier_channels` I32 (absent when
 empty: GGUF has no zero-size tensors). gguf-py writes numpy shapes innermost-first (GGML `ne` order):
 a [N, K] tensor is stored with ne = [K, N]. A second, decode-only weight set for the LLM's linear
-layers lives under the prefix `decode.` (`decode.text.layers.0.mlp.up_proj.qweight`, `.scales`,
-`.zeros`; the bias, if any, is the main set's).
+layers and its LM head lives under the prefix `decode.` (`decode.text.layers.0.mlp.up_proj.qweight`,
+`.scales`, `.zeros`; `decode.text.lm_head.*`; the bias, if any, is the main set's). With tied embeddings
+the main set has no lm_head tensor (the engine reads the embedding) and the decode set has its own
+quantized copy of it. The engine runs single-token steps on the decode set, prompt chunks (and the last
+row of a prefill through the LM head) on the main set.
 
 Weight sets (`precision` presets; `prefill` / `decode` override them):
 - fp32:       float weights everywhere, no decode set.
@@ -23,10 +26,17 @@ Weight sets (`precision` presets; `prefill` / `decode` override them):
 - w8a8-int4:  W8A8 prefill set; int4 group-wise (`group_size`, default 32) decode set (default).
 From a float checkpoint the W8A8 set is calibrated with edgemm.compress (`calib_n` shapes questions of
 the calibration split) and the decode set is quantized from the *float* weights (RTN, or GPTQ with
-`decode_method="gptq"`). A checkpoint that is already compressed is mapped verbatim (its packed tensors
-are the main set); a decode set is then derived only for W8A8 layers (from their int8 weights, noted).
+`decode_method="gptq"`; the LM head is always RTN). A checkpoint that is already compressed is mapped
+verbatim (its packed tensors are the main set); a decode set is then derived only for W8A8 layers (from
+their int8 weights, noted), and it takes the LM head along unless the checkpoint stores that weight-only.
 N:M sparsity (extras.sparsity) is kept: both sets keep the zeros exactly. The vision encoder and the
 projector stay as the checkpoint has them (float unless compressed) unless `vision="w8a8"`.
+
+Memory: the export holds the float model once. The W8A8 calibration runs on a copy of the module tree
+that shares the float tensors (W8A8 replaces modules and never writes to a weight), with the LM head cut
+off (no calibration logits); the RTN decode set is quantized one layer at a time straight into the
+packed arrays; float tensors go to the file as views of the model's memory, and the file is verified with
+plain block reads. Peak ~ the float model + the int8 main set + the decode set (GPTQ needs more).
 
 `reference_model(path)` rebuilds, from a written model file, the torch model with the very same tensors
 (W8A8 for prompt chunks, the decode set for single tokens): the yardstick of the native engine's
@@ -84,7 +94,7 @@ def resolve_options(precision=None, prefill=None, decode=None) -> tuple[str, str
 
 
 def write(bw, loaded, precision: str | None = None, prefill: str | None = None, decode: str | None = None,
-          group_size: int = 32, decode_method: str = "rtn", chunk_size: int = 32, max_context: int | None = None,
+          group_size: int = 32, decode_method: str = "rtn", chunk_size: int = 256, max_context: int | None = None,
           calib_n: int = 128, vision: str | None = None, float_type: str = "f32", **options) -> list[Artifact]:
     """Add the native model file (native/model.gguf) of `loaded` to the bundle writer `bw`."""
     if options:
@@ -150,12 +160,14 @@ def build_weight_sets(loaded, prefill: str, decode: str | None, group_size: int 
                       calib_n: int = 128, vision: str = "checkpoint", notes=lambda s: None) -> dict:
     """-> {"config": config dict, "tensors": {name: np.ndarray}, "decode_layers": {layer: metadata}}.
 
-    The model in `loaded` is never modified (compression runs on copies)."""
+    The model in `loaded` is never modified: W8A8 calibration runs on a copy of the module tree that
+    shares the (unchanged) float tensors, the decode set is quantized layer by layer from the float
+    weights, and the float tensors of the result are views of the model's own (no copies)."""
     import torch
     from torch import nn
 
     from edgemm.compress import apply
-    from edgemm.compress.config import GPTQConfig, RTNConfig, W8A8Config
+    from edgemm.compress.config import W8A8Config
     from edgemm.models.checkpoint import state_dict_for_saving
 
     src = loaded.model
@@ -168,7 +180,7 @@ def build_weight_sets(loaded, prefill: str, decode: str | None, group_size: int 
         if loop is None:
             from edgemm.compress.calibration import shapes_forward_loop
 
-            loop = shapes_forward_loop(loaded.processor, n=calib_n)
+            loop = _without_logits(shapes_forward_loop(loaded.processor, n=calib_n))
         return loop
 
     text_names = [n for n, m in src.named_modules()
@@ -183,41 +195,53 @@ def build_weight_sets(loaded, prefill: str, decode: str | None, group_size: int 
         include = list(text_float)
         if vision == "w8a8":
             include += [n for n, m in src.named_modules() if isinstance(m, nn.Linear) and n.startswith(("vision.", "projector."))]
-        main = copy.deepcopy(src)
+        main = _sharing_copy(src)
         if include:
+            w8a8 = W8A8Config(include=include, exclude=[])
+            # the copy shares the source's tensors: W8A8 replaces modules and never writes to a weight, but
+            # SmoothQuant folds its scales into the weights in place
+            assert w8a8.smoothquant is None, "native: SmoothQuant would modify the shared float weights"
             with torch.no_grad():
-                apply(main, W8A8Config(include=include, exclude=[]), forward_loop=calibration())
+                apply(main, w8a8, forward_loop=calibration())
     elif vision == "w8a8":
         raise EdgemmError("native: vision='w8a8' needs the w8a8 prefill set")
 
     # The decode set covers every LLM linear or none (the engine fuses q/k/v and gate/up): layers that
     # prefill in float or W8A8 are quantized to the decode format (from their float weights; W8A8 layers
     # of the checkpoint from their dequantized int8 weights); weight-only layers are copied as they are.
+    # The LM head joins a decode set (RTN from its float weight, the embedding when tied) unless the
+    # checkpoint already stores it weight-only.
     decode_layers: dict[str, dict] = {}
     decode_tensors: dict[str, np.ndarray] = {}
     main_fmt = _packed_formats(main)
     needs = [n for n in text_names if main_fmt.get(n) in (None, "w8a8")] if decode else []
     if needs:
         w8 = [n for n in needs if fm.get(n) == "w8a8"]
-        base = _dequantized_copy(src, w8) if w8 else src
         if w8:
             notes(f"native: the {decode} decode set of {len(w8)} W8A8 layers is quantized from their int8 weights "
                   f"(dequantized), not from float weights")
-        dq = copy.deepcopy(base)
         gs = group_size if decode == "int4" else 0
         bits = 4 if decode == "int4" else 8
-        cls = GPTQConfig if decode_method == "gptq" else RTNConfig
-        with torch.no_grad():
-            apply(dq, cls(bits=bits, group_size=gs, include=needs, exclude=[]),
-                  forward_loop=calibration() if decode_method == "gptq" else None)
-        for n in text_names:
-            mod = dq.get_submodule(n) if n in needs else src.get_submodule(n)
-            decode_layers[n] = mod.metadata()
-            for k in ("qweight", "scales", "zeros"):
-                t = getattr(mod, k, None)
-                if isinstance(t, torch.Tensor):
-                    decode_tensors[f"{DECODE_PREFIX}{n}.{k}"] = t.detach().cpu().numpy()
-        _check_sparse_decode(main, dq, needs, cfg=main.config)
+        sparse = (main.config.extras.get("sparsity") or {}).get("layers", {})
+        gptq = _gptq_decode(src, needs, w8, bits, gs, calibration) if decode_method == "gptq" else {}
+        head = [HEAD] if main_fmt.get(HEAD) in (None, "w8a8") and _has_module(src, HEAD) else []
+        for n in text_names + head:
+            if n in gptq:
+                meta, packed = gptq.pop(n)
+            elif n in needs or n in head:
+                mod = src.get_submodule(n)
+                w = mod.dequantized_weight() if fm.get(n) == "w8a8" else mod.weight.detach()
+                meta, packed = rtn_decode_tensors(w, bits, gs, n, bias=getattr(mod, "bias", None) is not None)
+            else:  # weight-only in the checkpoint: its packed tensors serve both sets
+                mod = src.get_submodule(n)
+                meta = mod.metadata()
+                packed = {k: t.detach().cpu().numpy() for k in ("qweight", "scales", "zeros")
+                          if isinstance(t := getattr(mod, k, None), torch.Tensor)}
+            if n in sparse and n in needs:
+                _check_sparse_decode(n, packed, meta, sparse[n])
+            decode_layers[n] = meta
+            for k, a in packed.items():
+                decode_tensors[f"{DECODE_PREFIX}{n}.{k}"] = a
     elif decode and compressed:
         notes("native: no decode set: the LLM's packed layers already are weight-only (decode uses the main set)")
 
@@ -228,16 +252,51 @@ def build_weight_sets(loaded, prefill: str, decode: str | None, group_size: int 
     return {"config": cfg_dict, "tensors": tensors, "decode_layers": decode_layers, "compressed": compressed}
 
 
-def _dequantized_copy(model, names):
-    """A copy of `model` where the named packed layers are float nn.Linear with their dequantized weights."""
+HEAD = "text.lm_head"
+RTN_ROWS = 8192  # rows per block when quantizing one weight (bounds the temporaries of a 151936-row LM head)
+
+
+def _has_module(model, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def rtn_decode_tensors(w, bits: int, group_size: int, name: str, bias: bool = False) -> tuple[dict, dict]:
+    """Symmetric RTN of one float weight [N, K] (edgemm.compress.rtn's numbers exactly), block of rows by
+    block of rows -> (layer metadata as QuantLinear.metadata(), {"qweight", "scales"} numpy arrays)."""
+    from edgemm.compress import qformat
+
+    n, k = (int(x) for x in w.shape)
+    g = qformat.resolve_group(k, group_size, name, bits)
+    qweight = np.empty((n, k if bits == 8 else k // 2), np.int8 if bits == 8 else np.uint8)
+    scales = np.empty((n, k // g), np.float16)
+    for r in range(0, n, RTN_ROWS):
+        u, s, z = qformat.rtn(w[r:r + RTN_ROWS], bits, g, True)
+        st = qformat.to_storage(u, s, z, bits, True)
+        qweight[r:r + RTN_ROWS] = st["qweight"].numpy()
+        scales[r:r + RTN_ROWS] = st["scales"].numpy()
+    meta = {"format": f"int{bits}", "bits": bits, "group_size": g, "symmetric": True, "method": "rtn",
+            "in_features": k, "out_features": n, "bias": bool(bias)}
+    return meta, {"qweight": qweight, "scales": scales}
+
+
+def _gptq_decode(src, needs, w8, bits: int, group_size: int, calibration) -> dict[str, tuple[dict, dict]]:
+    """GPTQ decode tensors of the LLM layers `needs` (sequential, on a copy of the module tree that shares
+    the float tensors; the checkpoint's W8A8 layers `w8` enter as float layers with their dequantized
+    weights). -> {layer: (metadata, packed numpy tensors)}."""
     import torch
     from torch import nn
 
+    from edgemm.compress import apply
     from edgemm.compress.common import NM_ATTR, set_module
+    from edgemm.compress.config import GPTQConfig
 
-    out = copy.deepcopy(model)
-    for n in names:
-        m = out.get_submodule(n)
+    dq = _sharing_copy(src)
+    for n in w8:
+        m = dq.get_submodule(n)
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
         with torch.no_grad():
             lin.weight.copy_(m.dequantized_weight())
@@ -245,21 +304,64 @@ def _dequantized_copy(model, names):
                 lin.bias.copy_(m.bias)
         if getattr(m, NM_ATTR, None) is not None:
             setattr(lin, NM_ATTR, dict(getattr(m, NM_ATTR)))
-        set_module(out, n, lin)
+        set_module(dq, n, lin)
+    with torch.no_grad():
+        apply(dq, GPTQConfig(bits=bits, group_size=group_size, include=needs, exclude=[]), forward_loop=calibration())
+    out = {}
+    for n in needs:
+        mod = dq.get_submodule(n)
+        out[n] = (mod.metadata(), {k: t.detach().numpy() for k in ("qweight", "scales", "zeros")
+                                   if isinstance(t := getattr(mod, k, None), torch.Tensor)})
     return out
 
 
-def _check_sparse_decode(main, dq, names, cfg) -> None:
+def _sharing_copy(model):
+    """A copy of `model`'s module tree (own modules, hooks and config) holding the very same parameter and
+    buffer tensors: nothing is copied. For methods that replace modules and never write into a tensor."""
+    import itertools
+
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _without_logits(loop):
+    """The calibration `loop` with the LM head cut off: what W8A8 and GPTQ observe lies before it, and
+    full-vocabulary logits at every position of a calibration batch are large (8 x 600 x 151936 floats =
+    2.9 GB at LLaVA-Qwen-1.8B shapes). The head is swapped for the call only."""
+    from torch import nn
+
+    class NoLogits(nn.Module):
+        def forward(self, h):
+            return h[..., :0]
+
+    def run(model):
+        text = getattr(model, "text", None)
+        head = getattr(text, "lm_head", None)
+        if head is None:
+            return loop(model)
+        text.lm_head = NoLogits()
+        try:
+            return loop(model)
+        finally:
+            text.lm_head = head
+
+    run.loop = loop
+    return run
+
+
+def _check_sparse_decode(name: str, packed: dict, meta: dict, sp: dict) -> None:
     """N:M layers: the decode set must keep every zero of the main set's weights exactly."""
-    sp = (cfg.extras.get("sparsity") or {}).get("layers", {})
-    for n in names:
-        if n not in sp:
-            continue
-        w = dq.get_submodule(n).dequantized_weight()
-        m = int(sp[n]["m"])
-        nz = (w.reshape(w.shape[0], -1, m) != 0).sum(-1)
-        if int(nz.max()) > int(sp[n]["n"]):
-            raise EdgemmError(f"native: the decode set of {n} lost its {sp[n]['n']}:{m} sparsity (exporter bug)")
+    import torch
+
+    from edgemm.compress import qformat
+
+    z = packed.get("zeros")
+    w = qformat.dequantize_storage(torch.from_numpy(packed["qweight"]), torch.from_numpy(packed["scales"]),
+                                   None if z is None else torch.from_numpy(z), int(meta["bits"]))
+    m = int(sp["m"])
+    nz = (w.reshape(w.shape[0], -1, m) != 0).sum(-1)
+    if int(nz.max()) > int(sp["n"]):
+        raise EdgemmError(f"native: the decode set of {name} lost its {sp['n']}:{m} sparsity (exporter bug)")
 
 
 # ------------------------------------------------------------------------------------------- the file
@@ -274,11 +376,12 @@ def _gguf_tensor(name: str, a: np.ndarray, float_type: str):
             return np.ascontiguousarray(a), "F16"
         if name.endswith(".input_scale"):
             return np.ascontiguousarray(a.astype(np.float32).reshape(1)), "F32"
-        a32 = a.astype(np.float32)
-        if float_type == "f16" or (float_type == "auto" and np.array_equal(a32.astype(np.float16).astype(np.float32), a32)):
-            if not np.isfinite(a32.astype(np.float16)).all():
+        a32 = a.astype(np.float32, copy=False)  # the model's own memory when it already is float32
+        if float_type == "f16" or (float_type == "auto" and _f16_exact(a32)):
+            h = np.ascontiguousarray(a32.astype(np.float16))
+            if not np.isfinite(h).all():
                 raise EdgemmError(f"native: {name} overflows float16; export with float_type='f32'")
-            return np.ascontiguousarray(a32.astype(np.float16)), "F16"
+            return h, "F16"
         return np.ascontiguousarray(a32), "F32"
     if a.dtype == np.int8:
         return np.ascontiguousarray(a), "I8"
@@ -289,6 +392,13 @@ def _gguf_tensor(name: str, a: np.ndarray, float_type: str):
     if a.dtype == np.int64:
         raise EdgemmError(f"native: tensor {name} is int64; the format has no such type")
     raise EdgemmError(f"native: tensor {name} has dtype {a.dtype}, which the format cannot store")
+
+
+def _f16_exact(a: np.ndarray, rows: int = 4096) -> bool:
+    """Every value of float32 `a` survives float16 exactly (checked a block of rows at a time)."""
+    a2 = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(1, -1)
+    return all(np.array_equal(b.astype(np.float16).astype(np.float32), b) for b in
+               (a2[r:r + rows] for r in range(0, a2.shape[0], rows)))
 
 
 def preprocess_json(cfg) -> str:
@@ -363,11 +473,26 @@ def verify_model_file(path, info: dict) -> None:
     if set(got) != set(info["tensors"]):
         extra = sorted(set(got) ^ set(info["tensors"]))
         raise EdgemmError(f"native: tensor set differs after writing ({extra[0]}) (exporter bug)")
-    for name, (a, typ) in info["tensors"].items():
-        t = got[name]
-        if t.tensor_type.name != typ or list(reversed([int(x) for x in t.shape])) != list(a.shape) or \
-                not np.array_equal(np.asarray(t.data).reshape(a.shape).view(a.dtype), a):
-            raise EdgemmError(f"native: tensor {name} did not round-trip through the GGUF file (exporter bug)")
+    # the data is read back with plain reads, a block at a time (comparing through the reader's memory map
+    # would make the whole file resident in this process next to the model)
+    with open(path, "rb") as f:
+        for name, (a, typ) in info["tensors"].items():
+            t = got[name]
+            if t.tensor_type.name != typ or list(reversed([int(x) for x in t.shape])) != list(a.shape) or \
+                    int(t.n_bytes) != a.nbytes or not _file_holds(f, int(t.data_offset), a):
+                raise EdgemmError(f"native: tensor {name} did not round-trip through the GGUF file (exporter bug)")
+
+
+def _file_holds(f, offset: int, a: np.ndarray, block: int = 1 << 24) -> bool:
+    """The bytes of the open file `f` at `offset` are exactly those of the contiguous array `a`."""
+    flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    f.seek(offset)
+    for i in range(0, flat.size, block):
+        want = flat[i:i + block]
+        got = f.read(want.size)
+        if len(got) != want.size or not np.array_equal(np.frombuffer(got, np.uint8), want):
+            return False
+    return True
 
 
 def open_reader(path):
@@ -482,8 +607,16 @@ def reference_model(path, act_quant: bool = True):
             sd["bias"] = main_mod.bias.detach().clone()
         dec.load_state_dict(sd, strict=True)
         set_module(model, layer, pd_cls(main_mod, act(dec)))
+    if HEAD in dlayers:  # the head picks its set by the step's token count (see PrefillDecodeLinear)
+        model.text.register_forward_pre_hook(_count_step_tokens, with_kwargs=True)
     model.eval()
     return LoadedModel(model, processor, f"native-reference:{path}", Path(path).parent)
+
+
+def _count_step_tokens(text, args, kwargs):
+    """Forward pre-hook of the reference's text decoder: tell the LM head how many tokens this step has."""
+    x = args[0] if args else kwargs["inputs_embeds"]
+    text.lm_head.step_tokens = int(x.shape[1])
 
 
 def model_path(path) -> Path:
@@ -525,15 +658,21 @@ def _modules():
     from torch import nn
 
     class PrefillDecodeLinear(nn.Module):
-        """Runs `prefill` on inputs of several tokens and `decode` on one-token inputs ([B, 1, K])."""
+        """Runs `prefill` on inputs of several tokens and `decode` on one-token inputs ([B, 1, K]).
+
+        `step_tokens`, when set, is the number of tokens of the current step instead: the LM head sees one
+        row per sequence in a prefill too (generation keeps the last position's logits only), and the
+        engine runs the main head there; reference_model sets it from the text decoder's input."""
 
         def __init__(self, prefill, decode):
             super().__init__()
             self.prefill, self.decode = prefill, decode
             self.in_features, self.out_features = prefill.in_features, prefill.out_features
+            self.step_tokens = None
 
         def forward(self, x):
-            return (self.decode if x.dim() >= 2 and x.shape[-2] == 1 else self.prefill)(x)
+            t = self.step_tokens if self.step_tokens is not None else (x.shape[-2] if x.dim() >= 2 else 0)
+            return (self.decode if t == 1 else self.prefill)(x)
 
     class WoqActLinear(nn.Module):
         """A weight-only layer (QuantLinear) fed activations quantized as the engine's weight-only kernels

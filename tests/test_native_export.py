@@ -62,7 +62,7 @@ def test_keys_and_manifest(bundles, tiny):
     assert kv["format_version"] == 1 and r.fields["edgemm.format_version"].types == [gguf.GGUFValueType.UINT32]
     for k in ("chunk_size", "max_context"):
         assert r.fields[f"edgemm.{k}"].types == [gguf.GGUFValueType.UINT32]
-    assert kv["chunk_size"] == 32 and kv["max_context"] == tiny.config.text.max_position_embeddings
+    assert kv["chunk_size"] == 256 and kv["max_context"] == tiny.config.text.max_position_embeddings
     cfg = json.loads(kv["config"])
     assert cfg["format"] == "edgemm" and cfg["text"] == json.loads(json.dumps(tiny.config.to_dict()["text"]))
     assert json.loads(kv["tokenizer"]) == json.loads(tiny.processor.tokenizer.to_str())
@@ -72,11 +72,11 @@ def test_keys_and_manifest(bundles, tiny):
     assert set(q) == {n for n, m in tiny.model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("text.layers.")}
     assert {m["format"] for m in q.values()} == {"w8a8"}
     dq = json.loads(kv["decode_quantization"])["layers"]
-    assert set(dq) == set(q) and {(m["format"], m["group_size"]) for m in dq.values()} == {("int4", 32)}
+    assert set(dq) == set(q) | {"text.lm_head"} and {(m["format"], m["group_size"]) for m in dq.values()} == {("int4", 32)}
     m = json.loads((bundles["w8a8-int4"] / "manifest.json").read_text())
     (art,) = m["artifacts"]
     assert (art["runtime"], art["format"], art["precision"], art["lane"]) == ("native", "edgemm-native", "w8a8-int4", "npu")
-    assert art["extra"]["decode"] == "int4" and m["chunk_size"] == 32
+    assert art["extra"]["decode"] == "int4" and m["chunk_size"] == 256 and art["extra"]["decode_layers"] == len(dq)
     assert json.loads(nx.read_kv(reader(bundles["fp32"]))["decode_quantization"]) == {}
 
 
@@ -129,6 +129,65 @@ def test_int4_decode_set_is_the_rtn_of_the_float_weights(bundles, tiny):
         assert np.array_equal(q.view(np.uint8), mod.qweight.numpy())
         assert np.array_equal(as_numpy(r[f"decode.{name}.scales"]), mod.scales.numpy())
         assert f"decode.{name}.zeros" not in r  # symmetric
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("preset", ["w8a8-int4", "int8"])
+def test_decode_set_holds_the_lm_head(demo_tokenizer, tmp_path, preset, tied):
+    """Single-token steps read a quantized LM head: the RTN of the float head (of the embedding when tied) in
+    the decode format. The main set keeps the float head (none when tied: the engine reads the embedding)."""
+    from edgemm.compress.rtn import quantize_linear_rtn
+
+    cfg = cfg32(demo_tokenizer)
+    cfg.text.tie_word_embeddings = tied
+    m = random_model(cfg.validate(), seed=6)
+    assert (m.text.lm_head.weight is m.text.embed_tokens.weight) == tied
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    lm = LoadedModel(m, Processor(demo_tokenizer, m.config), "head")
+    export(lm, "native", tmp_path / "b", precision=preset, calib_n=8)
+    # the source model is untouched: same tensors, same modules, no hooks left behind
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert type(m.text.lm_head) is torch.nn.Linear and type(m.text.layers[0].mlp.up_proj) is torch.nn.Linear
+    assert not any(mod._forward_pre_hooks or mod._forward_hooks for mod in m.modules())
+    assert (m.text.lm_head.weight is m.text.embed_tokens.weight) == tied
+
+    r = {t.name: t for t in reader(tmp_path / "b").tensors}
+    dq = json.loads(nx.read_kv(reader(tmp_path / "b"))["decode_quantization"])["layers"]
+    bits, gs = (4, 32) if preset == "w8a8-int4" else (8, 64)
+    vocab = demo_tokenizer.get_vocab_size()
+    assert dq["text.lm_head"] == {"format": f"int{bits}", "bits": bits, "group_size": gs, "symmetric": True,
+                                  "method": "rtn", "in_features": 64, "out_features": vocab, "bias": False}
+    assert len(dq) == 15  # 2 x 7 LLM linears + the head
+    assert ("text.lm_head.weight" in r) == (not tied)
+    q = quantize_linear_rtn(m.text.lm_head, bits, gs, True)
+    assert np.array_equal(as_numpy(r["decode.text.lm_head.qweight"]).view(q.qweight.numpy().dtype), q.qweight.numpy())
+    assert np.array_equal(as_numpy(r["decode.text.lm_head.scales"]), q.scales.numpy())
+    assert "decode.text.lm_head.zeros" not in r
+
+    ref = nx.reference_model(tmp_path / "b").model
+    head = ref.text.lm_head
+    assert type(head).__name__ == "PrefillDecodeLinear" and type(head.decode).__name__ == "WoqActLinear"
+    assert torch.equal(head.decode.inner.qweight, q.qweight) and head.decode.block == (32 if bits == 4 else 64)
+    assert (head.prefill.weight is ref.text.embed_tokens.weight) == tied
+    # the head picks its set by the step's token count, not by its input rows: a prefill that keeps the last
+    # position's logits only (generation) runs the main head, as the engine does; a one-token step the decode head
+    x = torch.randn(2, 5, 64)
+    pos = torch.arange(5).expand(2, 5)
+    with torch.no_grad():
+        lg, h = ref.text(x, pos, logits_to_keep=1, return_hidden=True)
+        assert h.shape[1] == 1 and torch.equal(lg, head.prefill(h))
+        lg1, h1 = ref.text(x[:, :1], pos[:, :1], return_hidden=True)
+        assert torch.equal(lg1, head.decode(h1)) and not torch.equal(lg1, head.prefill(h1))
+        lg_all = ref(torch.tensor([[1, 5, 3, 7, 9]]), torch.randn(1, 3, 32, 32))  # scoring path: every row, main head
+        assert lg_all.shape[1] > 1
+
+
+def test_gptq_decode_set_keeps_an_rtn_lm_head(tiny, tmp_path):
+    export(tiny, "native", tmp_path / "b", precision="w8a8-int4", decode_method="gptq", calib_n=8)
+    dq = json.loads(nx.read_kv(reader(tmp_path / "b"))["decode_quantization"])["layers"]
+    assert {m["method"] for n, m in dq.items() if n != "text.lm_head"} == {"gptq"}
+    assert dq["text.lm_head"]["method"] == "rtn" and dq["text.lm_head"]["format"] == "int4"
+    assert not any(mod._forward_pre_hooks or mod._forward_hooks for mod in tiny.model.modules())
 
 
 def test_reference_model_dispatches_prefill_and_decode_weights(bundles, tiny):

@@ -117,7 +117,7 @@ def test_library_version_and_model_info(bundles):
     assert _native.version()
     m = _native.Model(bundles["w8a8-int4"] / nx.FILE, n_threads=THREADS)
     info = m.info()
-    assert info["vocab_size"] > 0 and info["chunk_size"] == 32 and info["num_layers"] == 2
+    assert info["vocab_size"] > 0 and info["chunk_size"] == 256 and info["num_layers"] == 2
     assert "w8a8" in info["prefill_weights"] and "int4" in info["decode_weights"]
     m.close()
     with pytest.raises(EdgemmError, match="closed"):
@@ -280,7 +280,7 @@ def test_quantized_greedy_answers_equal_the_reference(bundles, questions, preset
 
 def test_streaming_sampling_and_stats(bundles, tiny, questions):
     ims, qs = questions
-    sess = open_native(bundles["w8a8-int4"])
+    sess = open_native(bundles["w8a8-int4"], npu_lane=True)
     full = sess.generate(ims[1], qs[1], max_new_tokens=10)
     pieces = list(sess.generate(ims[1], qs[1], stream=True, max_new_tokens=10))
     assert "".join(pieces).strip() == full
@@ -303,8 +303,9 @@ def test_streaming_sampling_and_stats(bundles, tiny, questions):
     assert len(toks) == 1
     with pytest.raises(ZeroDivisionError):  # a Python error in the callback comes back, not a crash
         s.generate(qs[0], max_new_tokens=10, on_token=lambda piece, tok: 1 / 0)
-    lane_off = open_native(bundles["w8a8-int4"], npu_lane=False)
+    lane_off = open_native(bundles["w8a8-int4"])  # the default: one lane, in order
     assert lane_off.generate(ims[0], qs[0], max_new_tokens=6) == greedy
+    assert lane_off.stats["npu_lane_busy"] == 0
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -486,6 +487,25 @@ def test_sparse_24_decode_set_runs_sparse_and_matches(tiny, tmp_path, native_lib
     assert sum(a == b for a, b in zip(got, want)) >= len(qs) - 1
 
 
+@pytest.mark.parametrize("preset", ["w8a8-int4", "int8"])
+def test_tied_lm_head_decode_set_matches_the_reference(demo_tokenizer, tmp_path, native_lib, questions, preset):
+    """Tied embeddings: the main set has no lm_head tensor (the engine's prefill head is the embedding), the
+    decode set its own quantized head; the engine's decode steps agree with the reference's."""
+    ims, qs = questions
+    cfg = cfg32(demo_tokenizer)
+    cfg.text.tie_word_embeddings = True
+    m = random_model(cfg.validate(), seed=4)
+    lm = LoadedModel(m, Processor(demo_tokenizer, m.config), "tied")
+    export(lm, "native", tmp_path / "b", precision=preset, calib_n=8)
+    dq = json.loads(nx.read_kv(__import__("gguf").GGUFReader(str(tmp_path / "b" / nx.FILE)))["decode_quantization"])["layers"]
+    assert dq["text.lm_head"]["format"] == ("int4" if preset == "w8a8-int4" else "int8")
+    ref = nx.reference_model(tmp_path / "b")
+    _check_errs(_logit_errs(tmp_path / "b", ref, ims, qs), exact=5e-3)
+    got = open_native(tmp_path / "b").generate_batch(ims, qs, max_new_tokens=6)
+    want = runtimes.load(ref).generate_batch(ims, qs, max_new_tokens=6)
+    assert sum(a == b for a, b in zip(got, want)) >= len(qs) - 1
+
+
 def test_w8a8_vision_encoder(tiny, tmp_path, native_lib, questions):
     ims, qs = questions
     export(tiny, "native", tmp_path / "b", precision="int8", vision="w8a8", calib_n=8)
@@ -526,7 +546,7 @@ def test_partly_compressed_checkpoint_gets_a_complete_decode_set(tiny, tmp_path,
     export(LoadedModel(m, tiny.processor, "part"), "native", tmp_path / "b", calib_n=8)
     dq = json.loads(nx.read_kv(__import__("gguf").GGUFReader(str(tmp_path / "b" / nx.FILE)))["decode_quantization"])["layers"]
     assert dq["text.layers.0.mlp.up_proj"]["format"] == "int8" and dq["text.layers.0.mlp.gate_proj"]["format"] == "int4"
-    assert len(dq) == 14
+    assert len(dq) == 15 and dq["text.lm_head"]["format"] == "int4"  # 2 x 7 LLM linears + the LM head
     ref = nx.reference_model(tmp_path / "b")
     _check_errs(_logit_errs(tmp_path / "b", ref, ims, qs), exact=5e-3)
 
