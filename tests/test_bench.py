@@ -131,3 +131,17 @@ def test_extrapolation_refuses_a_deeper_model_that_is_not_slower():
     assert _lin(1.0, 4.0, 1, 4, 24) == 24.0
     with pytest.raises(EdgemmError, match="noise"):
         _lin(2.0, 1.5, 1, 4, 24)
+
+
+def test_a_noisy_scaled_runtime_is_an_error_row_not_the_end_of_the_sweep(monkeypatch, tmp_path):
+    from edgemm.bench import core
+
+    monkeypatch.setitem(core.SCALED, ("demo", "onnxruntime"), ((1, 4), "test"))
+    monkeypatch.setattr(core.Bench, "ensure_export", lambda self, r, p, layers: {"dir": str(tmp_path)})
+    def run(tok_s):
+        return {"repeats": 3, "prefill_tok_s": {"512": tok_s}, "prefill_s": {"512": {"median_s": 512 / tok_s}}}
+
+    runs = iter([run(400.0), run(450.0)])  # the deeper model measured faster: noise
+    monkeypatch.setattr(core.Bench, "_run", lambda self, r, p, layers, exp: next(runs))
+    out = core.Bench("demo", cache_dir=tmp_path).one("onnxruntime", "int8")
+    assert out["status"] == "error" and "noise" in out["reason"] and set(out["runs_by_layers"]) == {"1", "4"}

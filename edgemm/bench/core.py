@@ -259,7 +259,11 @@ class Bench:
                 out["text_layers"] = self.text_layers
                 out["note"] = why
         else:
-            out.update(extrapolate(runs, layer_sets, self.cfg.text.num_layers))
+            try:
+                out.update(extrapolate(runs, layer_sets, self.cfg.text.num_layers))
+            except EdgemmError as e:  # one runtime's noisy scaling must not end the whole sweep
+                return {**base, "status": "error", "reason": str(e), "scaled_from_layers": layer_sets,
+                        "runs_by_layers": {str(n): r for n, r in zip(layer_sets, runs)}}
             out["scaled_from_layers"] = layer_sets
             out["note"] = f"layer-scaled from {layer_sets[0]} and {layer_sets[1]} text layers: {why}"
             out["runs_by_layers"] = {str(n): r for n, r in zip(layer_sets, runs)}

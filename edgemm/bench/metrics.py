@@ -95,8 +95,8 @@ def fractions(result: dict, cfg, threads: int, runtime: str, precision: str, wei
     for n, tok_s in (result.get("prefill_tok_s") or {}).items():
         if tok_s:
             macs = prefill_macs(t, int(n))
-            out["int8_peak_fraction"][n] = round(macs / int(n) * tok_s / peak, 4)
-            out["vnni_peak_fraction"][n] = round(macs / int(n) * tok_s / vnni, 4)
+            out["int8_peak_fraction"][n] = round(macs / int(n) * tok_s / peak, 6)
+            out["vnni_peak_fraction"][n] = round(macs / int(n) * tok_s / vnni, 6)
     dec = result.get("decode_tok_s")
     ctx = result.get("decode_context_avg")
     if dec and ctx is not None:
