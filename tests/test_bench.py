@@ -145,3 +145,22 @@ def test_a_noisy_scaled_runtime_is_an_error_row_not_the_end_of_the_sweep(monkeyp
     monkeypatch.setattr(core.Bench, "_run", lambda self, r, p, layers, exp: next(runs))
     out = core.Bench("demo", cache_dir=tmp_path).one("onnxruntime", "int8")
     assert out["status"] == "error" and "noise" in out["reason"] and set(out["runs_by_layers"]) == {"1", "4"}
+
+
+def test_native_decode_bytes_count_the_decode_head_of_tied_models(tmp_path):
+    import gguf
+    import numpy as np
+
+    from edgemm.bench.exporting import native_decode_bytes
+
+    f = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(f), "edgemm")
+    w.add_tensor("text.embed_tokens.weight", np.zeros((50, 8), np.float32))  # tied: no main lm_head
+    w.add_tensor("text.layers.0.mlp.up_proj.weight", np.zeros((16, 8), np.float32))
+    w.add_tensor("decode.text.layers.0.mlp.up_proj.qweight", np.zeros((16, 4), np.int8))
+    w.add_tensor("decode.text.lm_head.qweight", np.zeros((50, 4), np.int8))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert native_decode_bytes(f) == 16 * 4 + 50 * 4  # the decode set only, not the fp32 embedding

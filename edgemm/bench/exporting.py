@@ -78,7 +78,10 @@ def native_decode_bytes(bundle: Path) -> int:
     sizes = {t.name: int(t.n_bytes) for t in r.tensors}
     total = 0
     mods = {n.rsplit(".", 1)[0] for n in sizes if n.startswith("text.layers.") and (".self_attn." in n or ".mlp." in n)}
-    mods.add("text.lm_head" if any(n.startswith("text.lm_head.") for n in sizes) else "text.embed_tokens")
+    # the head a decode step reads: the decode set's (tied models too: it quantizes its own copy), else
+    # the main lm_head, else (tied, no decode head) the embedding table
+    head = any(n.startswith(("text.lm_head.", DECODE_PREFIX + "text.lm_head.")) for n in sizes)
+    mods.add("text.lm_head" if head else "text.embed_tokens")
     for m in mods:
         dec = {n: b for n, b in sizes.items() if n.startswith(DECODE_PREFIX + m + ".")}
         main = {n: b for n, b in sizes.items() if n.startswith(m + ".")}
