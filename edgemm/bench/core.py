@@ -374,21 +374,18 @@ def ttft_speedups(results: list[dict]) -> None:
 
 
 def machine_info() -> dict:
+    from .metrics import READ_BANDWIDTH_GBS, VNNI_GMACS_PER_CORE, cpu_flags, int8_gmacs_per_core
+
     info = {"cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()]}
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    fl = set(line.split())
-                    info["isa"] = [x for x in ("avx2", "avx512f", "avx512_vnni", "amx_int8", "amx_bf16") if x in fl]
-                    break
+            info.update(cpu=next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None))
     except OSError:
         pass
-    from .metrics import READ_BANDWIDTH_GBS, VNNI_GMACS_PER_CORE, int8_gmacs_per_core
-
-    info["int8_peak_gmacs_per_core"] = int8_gmacs_per_core()
+    fl = cpu_flags()
+    if fl:
+        info["isa"] = [x for x in ("avx2", "avx512f", "avx512_vnni", "amx_int8", "amx_bf16") if x in fl]
+    info["int8_peak_gmacs_per_core"] = int8_gmacs_per_core(fl)
     info["vnni_peak_gmacs_per_core"] = VNNI_GMACS_PER_CORE
     info["read_bandwidth_gbs"] = READ_BANDWIDTH_GBS
     return info

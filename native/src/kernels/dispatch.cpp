@@ -59,6 +59,7 @@ const KernelTable* table_for(Isa isa) {
   return nullptr;
 }
 std::atomic<const KernelTable*> g_table{nullptr};
+constexpr Isa kAllIsas[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvx512Vnni, Isa::kNeonDot, Isa::kAvx512Amx};
 }  // namespace
 
 // EDGEMM_ISA=<isa_name> picks the initial ISA (e.g. avx512_vnni to compare with or avoid AMX); a name
@@ -66,7 +67,7 @@ std::atomic<const KernelTable*> g_table{nullptr};
 const KernelTable* env_table() {
   const char* e = std::getenv("EDGEMM_ISA");
   if (!e || !*e) return nullptr;
-  for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512Vnni, Isa::kNeonDot, Isa::kAvx512Amx})
+  for (Isa i : kAllIsas)
     if (std::strcmp(e, isa_name(i)) == 0) return table_for(i);
   return nullptr;
 }
@@ -110,7 +111,7 @@ Status set_isa(Isa isa) {
 
 std::vector<Isa> available_isas() {
   std::vector<Isa> v;
-  for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512Vnni, Isa::kNeonDot, Isa::kAvx512Amx})
+  for (Isa i : impl::kAllIsas)
     if (impl::table_for(i)) v.push_back(i);
   return v;
 }

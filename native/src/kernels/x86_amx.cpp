@@ -43,29 +43,13 @@ namespace {
 // ------------------------------------------------------------------------------------------------
 void amx_w8a8_quant(const float* x, int64_t ldx, int64_t K, float s_a, uint8_t* packed, int64_t lda,
                     int32_t* row_sum, int64_t r0, int64_t r1, std::vector<Outlier>* outliers) {
-  const __m512 vs = _mm512_set1_ps(s_a);
-  const __m512 lo = _mm512_set1_ps(-256.0f), hi = _mm512_set1_ps(256.0f);
-  const __m512i cmin = _mm512_set1_epi32(-128), cmax = _mm512_set1_epi32(127);
   for (int64_t r = r0; r < r1; ++r) {
     const float* xr = x + r * ldx;
     int8_t* dst = reinterpret_cast<int8_t*>(packed + r * lda);
     __m512i rsum = _mm512_setzero_si512();
     for (int64_t k = 0; k < K; k += 16) {
-      const int64_t rem = K - k;
-      const __mmask16 lm = rem >= 16 ? __mmask16(0xffff) : __mmask16((1u << rem) - 1);
-      __m512 q = _mm512_div_ps(_mm512_maskz_loadu_ps(lm, xr + k), vs);
-      q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
-      __m512i c = _mm512_cvtps_epi32(q);  // MXCSR default: round to nearest even
-      const __mmask16 clip = _mm512_cmpgt_epi32_mask(c, cmax) | _mm512_cmplt_epi32_mask(c, cmin);
-      c = _mm512_min_epi32(_mm512_max_epi32(c, cmin), cmax);
-      if (clip) {
-        alignas(64) int32_t cc[16];
-        _mm512_store_si512(cc, c);
-        for (int l = 0; l < 16; ++l)
-          if ((clip >> l) & 1)
-            outliers->push_back({static_cast<int32_t>(r), static_cast<int32_t>(k + l),
-                                 xr[k + l] - static_cast<float>(cc[l]) * s_a});
-      }
+      const __mmask16 lm = tail_mask(K - k);
+      const __m512i c = w8a8_codes16(xr, k, lm, s_a, r, outliers);
       rsum = _mm512_add_epi32(rsum, c);  // masked-off lanes loaded 0.0 -> code 0
       _mm_mask_storeu_epi8(dst + k, lm, _mm512_cvtepi32_epi8(c));
     }

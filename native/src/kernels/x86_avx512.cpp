@@ -15,9 +15,6 @@ namespace {
 // ------------------------------------------------------------------------------------------------
 void w8a8_quant(const float* x, int64_t ldx, int64_t K, float s_a, uint8_t* packed, int64_t Kp,
                 int32_t* row_sum, int64_t r0, int64_t r1, std::vector<Outlier>* outliers) {
-  const __m512 vs = _mm512_set1_ps(s_a);
-  const __m512 lo = _mm512_set1_ps(-256.0f), hi = _mm512_set1_ps(256.0f);
-  const __m512i cmin = _mm512_set1_epi32(-128), cmax = _mm512_set1_epi32(127);
   const __m512i c128 = _mm512_set1_epi32(128);
   // Transpose 8 rows x 4 dwords (one 16-byte vector per row) into 4 k4-chunks x 8 rows.
   const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
@@ -29,29 +26,14 @@ void w8a8_quant(const float* x, int64_t ldx, int64_t K, float s_a, uint8_t* pack
     __m512i rsum[8];
     for (int r = 0; r < 8; ++r) rsum[r] = _mm512_setzero_si512();
     for (int64_t k = 0; k < K; k += 16) {
-      const int64_t rem = K - k;
-      const __mmask16 lm = rem >= 16 ? __mmask16(0xffff) : __mmask16((1u << rem) - 1);
+      const __mmask16 lm = tail_mask(K - k);
       __m128i bytes[8];
       for (int r = 0; r < 8; ++r) {
         if (r >= nrows) {
           bytes[r] = _mm_set1_epi8(char(128));
           continue;
         }
-        const float* xr = x + (t0 + r) * ldx + k;
-        __m512 xv = _mm512_maskz_loadu_ps(lm, xr);
-        __m512 q = _mm512_div_ps(xv, vs);
-        q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
-        __m512i c = _mm512_cvtps_epi32(q);  // MXCSR default: round to nearest even
-        __mmask16 clip = _mm512_cmpgt_epi32_mask(c, cmax) | _mm512_cmplt_epi32_mask(c, cmin);
-        c = _mm512_min_epi32(_mm512_max_epi32(c, cmin), cmax);
-        if (clip) {
-          alignas(64) int32_t cc[16];
-          _mm512_store_si512(cc, c);
-          for (int l = 0; l < 16; ++l)
-            if ((clip >> l) & 1)
-              row_out[r].push_back({static_cast<int32_t>(t0 + r), static_cast<int32_t>(k + l),
-                                    xr[l] - static_cast<float>(cc[l]) * s_a});
-        }
+        const __m512i c = w8a8_codes16(x + (t0 + r) * ldx, k, lm, s_a, t0 + r, &row_out[r]);
         rsum[r] = _mm512_add_epi32(rsum[r], c);
         bytes[r] = _mm512_cvtepi32_epi8(_mm512_add_epi32(c, c128));
       }

@@ -66,6 +66,28 @@ EDGEMM_INLINE __mmask16 tail_mask(int64_t rem) {
   return rem >= 16 ? __mmask16(0xffff) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1);
 }
 
+// W8A8 codes (kernels.h contract) of the activations xr[k .. k+16) under mask lm (masked lanes: code 0):
+// clamp(round_half_even(x / s_a), -128, 127), true division; every clipped element is appended to
+// *outliers as (row, k, x - code * s_a). Shared by the VNNI and AMX quantizers (one numeric contract).
+EDGEMM_INLINE __m512i w8a8_codes16(const float* xr, int64_t k, __mmask16 lm, float s_a, int64_t row,
+                                   std::vector<Outlier>* outliers) {
+  const __m512i cmin = _mm512_set1_epi32(-128), cmax = _mm512_set1_epi32(127);
+  __m512 q = _mm512_div_ps(_mm512_maskz_loadu_ps(lm, xr + k), _mm512_set1_ps(s_a));
+  q = _mm512_min_ps(_mm512_max_ps(q, _mm512_set1_ps(-256.0f)), _mm512_set1_ps(256.0f));
+  __m512i c = _mm512_cvtps_epi32(q);  // MXCSR default: round to nearest even
+  const __mmask16 clip = _mm512_cmpgt_epi32_mask(c, cmax) | _mm512_cmplt_epi32_mask(c, cmin);
+  c = _mm512_min_epi32(_mm512_max_epi32(c, cmin), cmax);
+  if (clip) {
+    alignas(64) int32_t cc[16];
+    _mm512_store_si512(cc, c);
+    for (int l = 0; l < 16; ++l)
+      if ((clip >> l) & 1)
+        outliers->push_back({static_cast<int32_t>(row), static_cast<int32_t>(k + l),
+                             xr[k + l] - static_cast<float>(cc[l]) * s_a});
+  }
+  return c;
+}
+
 }  // namespace
 }  // namespace impl
 }  // namespace kernels
