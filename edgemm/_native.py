@@ -127,7 +127,10 @@ class _Stats(ctypes.Structure):
 
 class _LoadOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("n_threads", ctypes.c_int32), ("npu_lane", ctypes.c_int32),
-                ("chunk_size", ctypes.c_int32), ("max_context", ctypes.c_int32)]
+                ("chunk_size", ctypes.c_int32), ("max_context", ctypes.c_int32), ("attention", ctypes.c_int32)]
+
+
+ATTENTION = {"auto": 0, "fp32": 1, "bf16": 2}  # edgemm_load_options.attention (EDGEMM_ATTENTION_*)
 
 
 class _GenOptions(ctypes.Structure):
@@ -279,15 +282,21 @@ class _Handle:
 class Model(_Handle):
     """A loaded native model (a model file or a bundle directory). Immutable; shareable by sessions."""
 
-    def __init__(self, path, n_threads: int = 0, npu_lane: bool = False, chunk_size: int = 0, max_context: int = 0):
+    def __init__(self, path, n_threads: int = 0, npu_lane: bool = False, chunk_size: int = 0, max_context: int = 0,
+                 attention: str = "auto"):
+        """attention: "auto" (bf16 in the parts with quantized linears, on CPUs with AMX-BF16), "fp32" or
+        "bf16" (the ViT's and the prefill's attention; see edgemm_load_options in edgemm.h)."""
         lib = library()
         p = Path(path)
         if not p.exists():
             raise EdgemmError(f"native model not found: {p}")
+        if attention not in ATTENTION:
+            raise EdgemmError(f"native attention {attention!r} must be one of {', '.join(ATTENTION)}")
         opts = _LoadOptions()
         lib.edgemm_load_options_init(ctypes.byref(opts))
         opts.n_threads, opts.npu_lane = int(n_threads or 0), int(bool(npu_lane))
         opts.chunk_size, opts.max_context = int(chunk_size or 0), int(max_context or 0)
+        opts.attention = ATTENTION[attention]
         h = _P()
         _check(lib.edgemm_model_load(os.fsencode(str(p)), ctypes.byref(opts), ctypes.byref(h)), f"loading {p}")
         self._h = h

@@ -23,7 +23,7 @@ from edgemm.errors import EdgemmError
 
 from .base import GenerateOptions, Session, bundle_processor
 
-OPTIONS = ("npu_lane", "chunk_size", "max_context", "preprocess")
+OPTIONS = ("npu_lane", "chunk_size", "max_context", "preprocess", "attention")
 
 
 def _artifact(manifest: dict) -> dict:
@@ -37,7 +37,8 @@ class NativeSession(Session):
     runtime = "native"
 
     def __init__(self, bundle: Path, manifest: dict, threads: int | None = None, npu_lane: bool = False,
-                 chunk_size: int | None = None, max_context: int | None = None, preprocess: str = "python"):
+                 chunk_size: int | None = None, max_context: int | None = None, preprocess: str = "python",
+                 attention: str = "auto"):
         super().__init__()
         from edgemm import _native
 
@@ -50,7 +51,7 @@ class NativeSession(Session):
         self.precision = art.get("precision")
         self.preprocess = preprocess
         self.model = _native.Model(self.bundle / art["file"], n_threads=threads or 0, npu_lane=npu_lane,
-                                   chunk_size=chunk_size or 0, max_context=max_context or 0)
+                                   chunk_size=chunk_size or 0, max_context=max_context or 0, attention=attention)
         self.session = _native.Session(self.model)
 
     def info(self) -> dict:
@@ -135,7 +136,9 @@ def open_bundle(path, manifest: dict, threads: int | None = None, **options) -> 
     """Open a bundle's native model file. Options: npu_lane (default False: one lane, every kernel on all
     threads, in order; True: the two-lane prefill, W8A8 GEMMs on the NPU-lane backend beside the CPU
     lane; with the CPU int8 backend both lanes share the same cores, which measured slower, docs/native.md),
-    chunk_size / max_context (default: the file's), preprocess ("python" or "engine")."""
+    chunk_size / max_context (default: the file's), preprocess ("python" or "engine"), attention ("auto":
+    bf16 attention in the ViT / decoder when its linears are quantized and the CPU has AMX-BF16, "fp32",
+    "bf16")."""
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise EdgemmError(f"unknown native option {sorted(unknown)[0]!r} (options: {', '.join(OPTIONS)})")

@@ -594,12 +594,17 @@ void bench_attention() {
     for (int64_t i = 0; i < s.n_q; ++i) pairs += s.causal ? double(std::min(n_kv, s.q_pos0 + i + 1)) : double(n_kv);
     const double flops = 4.0 * pairs * s.H * D;
     const double kv_bytes = 2.0 * s.Hkv * n_kv * D * 4;
-    for (int nt : opt.threads) {
-      ThreadPool pool(nt);
-      Timing t = measure([&] { (void)attention(a, &pool); });
-      emit({"attention", std::string("attention.") + s.name, "", nt, t,
-            {{"GFLOP/s", flops / t.median_s / 1e9}, {"pct_fp32_peak", 100 * flops / t.median_s / 1e9 / peak("fp32", nt)},
-             {"KV_GB/s", kv_bytes / t.median_s / 1e9}}});
+    // fp32, and bf16 tiles where the CPU has AMX-BF16 (AttentionArgs::allow_bf16; decode stays fp32)
+    for (bool bf16 : {false, true}) {
+      if (bf16 && !attention_bf16_available()) continue;
+      a.allow_bf16 = bf16;
+      for (int nt : opt.threads) {
+        ThreadPool pool(nt);
+        Timing t = measure([&] { (void)attention(a, &pool); });
+        emit({"attention", std::string("attention.") + s.name, bf16 ? "bf16" : "fp32", nt, t,
+              {{"GFLOP/s", flops / t.median_s / 1e9}, {"pct_fp32_peak", 100 * flops / t.median_s / 1e9 / peak("fp32", nt)},
+               {"KV_GB/s", kv_bytes / t.median_s / 1e9}}});
+      }
     }
   }
 }

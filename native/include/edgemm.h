@@ -64,7 +64,16 @@ typedef struct {
                           CPU lane (two-lane scheduler); 0 = everything on the CPU lane, in order */
   int32_t chunk_size;  /* prefill chunk length in tokens; 0 = the file's edgemm.chunk_size */
   int32_t max_context; /* KV cache length; 0 = the file's edgemm.max_context */
+  int32_t attention;   /* precision of the ViT's and the prefill's attention (decode steps are fp32):
+                          EDGEMM_ATTENTION_AUTO (0, default): bf16 in a part (ViT, decoder) whose linear
+                          layers are quantized, fp32 in a part with fp32 linears;
+                          EDGEMM_ATTENTION_FP32: fp32 everywhere; EDGEMM_ATTENTION_BF16: bf16 everywhere.
+                          bf16 means bf16 Q, K, V and probabilities with fp32 scores, softmax and
+                          accumulation, on CPUs with AMX-BF16 only (elsewhere attention stays fp32). */
 } edgemm_load_options;
+#define EDGEMM_ATTENTION_AUTO 0
+#define EDGEMM_ATTENTION_FP32 1
+#define EDGEMM_ATTENTION_BF16 2
 EDGEMM_API void edgemm_load_options_init(edgemm_load_options* opts);
 
 /* path: a model file (GGUF container, see README "File format"), or a bundle directory containing

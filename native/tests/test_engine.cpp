@@ -252,9 +252,11 @@ static std::string save(const std::string& name, const std::string& bytes) {
   return p;
 }
 
-static edgemm_model* load(const std::string& path, int npu = 0, int chunk = 0, int maxc = 0) {
+static edgemm_model* load(const std::string& path, int npu = 0, int chunk = 0, int maxc = 0,
+                          int attention = EDGEMM_ATTENTION_AUTO) {
   edgemm_load_options o;
   edgemm_load_options_init(&o);
+  o.attention = attention;
   o.n_threads = 2;
   o.npu_lane = npu;
   o.chunk_size = chunk;
@@ -398,20 +400,33 @@ static void test_end_to_end() {
     // chunking does not change the result; the two-lane scheduler equals the sequential path
     std::vector<int32_t> pr(ids, ids + n);
     for (int k = 0; k < 20; ++k) pr.push_back(4 + (k * 13) % 250);
-    auto a = logits_of(m, pr, true);
-    edgemm_model* m1 = load(path, 0, 1);
-    edgemm_model* m2 = load(path, 1, 3);
-    edgemm_model* m3 = load(path, 1, 64);
-    CHECK(m1 && m2 && m3);
-    if (m1 && m2 && m3) {
+    // (with fp32 attention: bf16 attention runs only for chunks of >= 16 rows, so it is chunk-dependent)
+    edgemm_model* m0 = load(path, 0, 4, 0, EDGEMM_ATTENTION_FP32);
+    auto a = logits_of(m0, pr, true);
+    edgemm_model* m1 = load(path, 0, 1, 0, EDGEMM_ATTENTION_FP32);
+    edgemm_model* m2 = load(path, 1, 3, 0, EDGEMM_ATTENTION_FP32);
+    edgemm_model* m3 = load(path, 1, 64, 0, EDGEMM_ATTENTION_FP32);
+    edgemm_model* m4 = load(path, 0, 64);  // auto: bf16 attention for a quantized model on AMX-BF16 CPUs
+    CHECK(m0 && m1 && m2 && m3 && m4);
+    if (m0 && m1 && m2 && m3 && m4) {
       double d1 = maxdiff(a, logits_of(m1, pr, true)), d2 = maxdiff(a, logits_of(m2, pr, true)),
-             d3 = maxdiff(a, logits_of(m3, pr, true));
-      std::printf("  %s: chunk 1 vs 4: %.3g, two-lane chunk 3: %.3g, two-lane chunk 64: %.3g\n", w8 ? "w8a8" : "fp32", d1, d2, d3);
+             d3 = maxdiff(a, logits_of(m3, pr, true)), d4 = maxdiff(a, logits_of(m4, pr, true));
+      size_t need = 0;
+      edgemm_model_info_json(m4, nullptr, 0, &need);
+      std::string info(need, '\0');
+      CHECK(edgemm_model_info_json(m4, &info[0], info.size(), &need) == EDGEMM_OK);
+      const bool bf16 = info.find("\"text_prefill\":\"bf16\"") != std::string::npos;
+      std::printf("  %s: chunk 1 vs 4: %.3g, two-lane chunk 3: %.3g, two-lane chunk 64: %.3g, auto attention (%s) chunk 64: %.3g\n",
+                  w8 ? "w8a8" : "fp32", d1, d2, d3, bf16 ? "bf16" : "fp32", d4);
       CHECK(d1 < 1e-4 && d2 < 1e-4 && d3 < 1e-4);
+      if (!w8) CHECK(!bf16);  // auto keeps fp32 attention next to fp32 linears
+      CHECK(d4 < (bf16 ? 0.05 : 1e-4));
     }
+    edgemm_model_free(m0);
     edgemm_model_free(m1);
     edgemm_model_free(m2);
     edgemm_model_free(m3);
+    edgemm_model_free(m4);
     // context limit
     edgemm_model* mc = load(path, 0, 0, 8);
     CHECK(mc);

@@ -654,6 +654,105 @@ void test_attention() {
   });
 }
 
+// BF16 attention (allow_bf16): against a scalar emulation of its contract (q*scale, K and V rounded to
+// bf16 (nearest even); exact softmax; probabilities rounded to bf16 for P V, normalized by the fp32 sum),
+// and close to fp32 attention. ISAs without AMX-BF16 must give the fp32 results.
+float bf16_round(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  u = (u + 0x7fff + ((u >> 16) & 1)) & 0xffff0000u;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+void ref_attention_bf16(const AttentionArgs& a) {
+  const int64_t grp = a.n_heads / a.n_kv_heads, D = a.head_dim;
+  for (int64_t i = 0; i < a.n_q; ++i)
+    for (int64_t h = 0; h < a.n_heads; ++h) {
+      const int64_t kvh = h / grp, T = a.causal ? std::min(a.n_kv, a.q_pos0 + i + 1) : a.n_kv;
+      std::vector<double> sc(static_cast<size_t>(T));
+      double mx = -1e300;
+      for (int64_t t = 0; t < T; ++t) {
+        double dot = 0;
+        for (int64_t d = 0; d < D; ++d)
+          dot += double(bf16_round(a.scale * a.q[i * a.q_ld + h * D + d])) *
+                 double(bf16_round(a.k[kvh * a.k_head_stride + t * a.k_ld + d]));
+        sc[size_t(t)] = float(dot);  // fp32 scores
+        mx = std::max(mx, sc[size_t(t)]);
+      }
+      double sum = 0;
+      std::vector<double> o(static_cast<size_t>(D), 0.0);
+      for (int64_t t = 0; t < T; ++t) {
+        const float p = std::exp(float(sc[size_t(t)] - mx));
+        sum += p;
+        for (int64_t d = 0; d < D; ++d)
+          o[size_t(d)] += double(bf16_round(p)) * double(bf16_round(a.v[kvh * a.v_head_stride + t * a.v_ld + d]));
+      }
+      for (int64_t d = 0; d < D; ++d) a.out[i * a.out_ld + h * D + d] = float(o[size_t(d)] / sum);
+    }
+}
+
+void test_attention_bf16() {
+  struct C {
+    int64_t n_q, q_pos0, n_heads, n_kv_heads, head_dim;
+    bool causal;
+    int64_t n_kv;  // for non-causal
+  };
+  const C cases[] = {
+      {16, 0, 2, 2, 32, true, 0},     {37, 20, 4, 2, 128, true, 0}, {64, 64, 4, 4, 128, true, 0},
+      {50, 0, 4, 4, 64, false, 50},   {17, 0, 3, 3, 96, false, 131}, {8, 10, 8, 2, 64, true, 0},
+      {100, 300, 2, 1, 64, true, 0},  {577, 0, 2, 2, 64, false, 577}, {1, 5, 4, 4, 64, true, 0},
+  };
+  bool ran_bf16 = false;
+  etest::for_each_isa([&](Isa) {
+    Rng rng(81);
+    const bool bf16 = attention_bf16_available();
+    ran_bf16 |= bf16;
+    for (const C& c : cases) {
+      const int64_t D = c.head_dim, n_kv = c.causal ? c.q_pos0 + c.n_q : c.n_kv;
+      const int64_t max_seq = n_kv + 3;
+      std::vector<float> kc = rng.normals(c.n_kv_heads * max_seq * D), vc = rng.normals(c.n_kv_heads * max_seq * D);
+      const int64_t q_ld = c.n_heads * D + 16;
+      std::vector<float> q = rng.normals(c.n_q * q_ld, 2.0f);
+      std::vector<float> out(c.n_q * c.n_heads * D), outr(out.size()), out32(out.size());
+      AttentionArgs a;
+      a.q = q.data();
+      a.q_ld = q_ld;
+      a.k = kc.data();
+      a.k_ld = D;
+      a.k_head_stride = max_seq * D;
+      a.v = vc.data();
+      a.v_ld = D;
+      a.v_head_stride = max_seq * D;
+      a.out = out.data();
+      a.out_ld = c.n_heads * D;
+      a.n_q = c.n_q;
+      a.n_kv = n_kv;
+      a.q_pos0 = c.q_pos0;
+      a.n_heads = c.n_heads;
+      a.n_kv_heads = c.n_kv_heads;
+      a.head_dim = D;
+      a.causal = c.causal;
+      a.scale = 1.0f / std::sqrt(float(D));
+      a.allow_bf16 = true;
+      CHECK_OK(attention(a, &pool2()));
+      AttentionArgs ar = a;
+      ar.out = out32.data();
+      ref::attention(ar);
+      // the bf16 path runs for >= 16 query rows per kv head
+      if (bf16 && c.n_q * (c.n_heads / c.n_kv_heads) >= 16) {
+        ar.out = outr.data();
+        ref_attention_bf16(ar);
+        CHECK_CLOSE(out.data(), outr.data(), out.size(), 3e-4, 2e-3);  // exp ulps flip some bf16 roundings of p
+        CHECK_CLOSE(out.data(), out32.data(), out.size(), 0.05, 0.05);
+      } else {
+        CHECK_CLOSE(out.data(), out32.data(), out.size(), 2e-5, 1e-4);
+      }
+    }
+  });
+  if (!ran_bf16) std::printf("attn_bf16: this CPU has no AMX-BF16: only the fp32 fallback was checked\n");
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Argument validation: errors come back as statuses.
 // ---------------------------------------------------------------------------------------------------
@@ -729,7 +828,7 @@ int main(int argc, char** argv) {
       {"threadpool", test_thread_pool}, {"fp16", test_fp16},           {"w8a8", test_w8a8},
       {"shadow", test_w8a8_shadow},     {"amx_bits", test_w8a8_amx_bits},     {"woq", test_woq_dense},       {"sparse", test_woq_sparse},
       {"f32", test_f32_gemm},           {"elementwise", test_elementwise}, {"rope", test_rope},
-      {"attention", test_attention},    {"validation", test_validation},
+      {"attention", test_attention},    {"attn_bf16", test_attention_bf16}, {"validation", test_validation},
   };
   std::printf("best ISA: %s; available:", isa_name(best_isa()));
   for (Isa i : available_isas()) std::printf(" %s", isa_name(i));

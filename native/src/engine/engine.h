@@ -205,6 +205,7 @@ struct Model {
   std::string path;
   int chunk_size = 32, max_context = 512, n_threads = 1;
   bool npu_lane = false;
+  bool vit_attn_bf16 = false, text_attn_bf16 = false;  // AttentionArgs::allow_bf16 of each part (load option)
   std::string prefill_desc, decode_desc;
   // vision
   Linear patch_embed;

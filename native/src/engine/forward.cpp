@@ -144,6 +144,7 @@ void vision_forward(Model& m, Session& s, const float* pixels, std::vector<float
     a.head_dim = hd;
     a.causal = false;
     a.scale = scale;
+    a.allow_bf16 = m.vit_attn_bf16;
     check_kernel(kernels::attention(a, pool), "vit attention");
     run_linear(b.out, att.data(), S, D, tmp.data(), D, &s.scratch, pool);
     for (int64_t j = 0; j < S * D; ++j) X[size_t(j)] += tmp[size_t(j)];
@@ -278,6 +279,7 @@ void forward_chunk(Model& m, Session& s, float* x, int64_t T, bool decode) {
     a.head_dim = hd;
     a.causal = true;
     a.scale = scale;
+    a.allow_bf16 = m.text_attn_bf16;
     check_kernel(kernels::attention(a, attn_pool), "attention");
     run_linear(decode ? b.dec_o() : b.o, att, T, H * hd, tmp, D, &s.scratch, lin_pool);
     for (int64_t j = 0; j < T * D; ++j) x[j] += tmp[j];

@@ -947,6 +947,16 @@ std::unique_ptr<Model> load_model(const std::string& path_in, const edgemm_load_
   };
   m->prefill_desc = desc(false);
   m->decode_desc = desc(true);
+  if (opts.attention < EDGEMM_ATTENTION_AUTO || opts.attention > EDGEMM_ATTENTION_BF16)
+    fail(EDGEMM_ERR_INVALID_ARGUMENT, "load option attention must be 0 (auto), 1 (fp32) or 2 (bf16)");
+  {
+    const bool can = kernels::attention_bf16_available();
+    auto quantized = [](const Linear& l) { return l.valid() && l.kind != Linear::kF32; };
+    const bool vit_q = !m->vit.empty() && quantized(m->vit[0].qkv);
+    const bool text_q = !m->blocks.empty() && quantized(m->blocks[0].qkv);
+    m->vit_attn_bf16 = can && (opts.attention == EDGEMM_ATTENTION_BF16 || (opts.attention == EDGEMM_ATTENTION_AUTO && vit_q));
+    m->text_attn_bf16 = can && (opts.attention == EDGEMM_ATTENTION_BF16 || (opts.attention == EDGEMM_ATTENTION_AUTO && text_q));
+  }
 #if defined(__GLIBC__)
   malloc_trim(0);  // hand the load-time transient buffers back to the OS (glibc keeps freed heap otherwise)
 #endif
@@ -1007,6 +1017,8 @@ std::string Model::info_json() const {
   add("npu_lane", npu_lane ? "true" : "false");
   add("npu_backend", json::quote(npu_lane ? "cpu-int8" : ""));
   add("chunk_size", std::to_string(chunk_size));
+  add("attention", "{\"vision\":" + json::quote(vit_attn_bf16 ? "bf16" : "fp32") + ",\"text_prefill\":" +
+                       json::quote(text_attn_bf16 ? "bf16" : "fp32") + "}");
   add("max_context", std::to_string(max_context));
   add("vocab_size", std::to_string(cfg.t.vocab));
   add("image_size", std::to_string(cfg.v.image_size));

@@ -138,6 +138,7 @@ void prefill_two_lane(Model& m, Session& s, float* x, int64_t T) {
         a.head_dim = hd;
         a.causal = true;
         a.scale = scale;
+        a.allow_bf16 = m.text_attn_bf16;
         check_kernel(kernels::attention(a, pool_for(cpu_lane_pool, double(n) * double(p0 + n) * double(H * hd))), "attention");
         prep(b.o, 1, sl.att.data(), H * hd, sl.tmp.data(), D);
         break;

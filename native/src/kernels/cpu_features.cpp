@@ -45,8 +45,10 @@ CpuFeatures detect() {
     const bool tile_ok = (xcr0 & 0x60000) == 0x60000;  // XTILECFG, XTILEDATA
     f.amx_tile = tile_ok && ((d >> 24) & 1);
     f.amx_int8 = f.amx_tile && ((d >> 25) & 1);
+    f.amx_bf16 = f.amx_tile && ((d >> 22) & 1);
     __cpuid_count(7, 1, a, b, c, d);
     f.avxvnni = ymm_ok && ((a >> 4) & 1);
+    f.avx512bf16 = zmm_ok && ((a >> 5) & 1);
   }
   f.fma = f.fma && ymm_ok;
   f.f16c = f.f16c && ymm_ok;

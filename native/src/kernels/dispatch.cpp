@@ -6,6 +6,7 @@
 #include <cstring>
 #include <new>
 
+#include "aligned_buffer.h"
 #include "cpu_features.h"
 #include "isa_impl.h"
 #include "layout.h"
@@ -405,6 +406,26 @@ Status attention(const AttentionArgs& a, ThreadPool* pool) {
   const int64_t rows_per_task = 32;
   const int64_t row_tasks = (a.n_q + rows_per_task - 1) / rows_per_task;
   const int64_t n_tasks = a.n_kv_heads * row_tasks;
+  if (a.allow_bf16 && t.attn_bf16_task && a.head_dim % 32 == 0 && a.n_q * (a.n_heads / a.n_kv_heads) >= 16) {
+    // K and V of every kv head to bf16 tiles (keys past the last query's causal limit are not read).
+    const int64_t T = a.causal ? std::min(a.n_kv, a.q_pos0 + a.n_q) : a.n_kv;
+    const int64_t Tp = (a.n_kv + impl::kAttnBf16Pad - 1) / impl::kAttnBf16Pad * impl::kAttnBf16Pad;
+    const size_t per_head = size_t(Tp * a.head_dim);
+    thread_local AlignedBuffer<uint16_t> kbuf, vbuf;
+    if (kbuf.resize(per_head * size_t(a.n_kv_heads)) && vbuf.resize(per_head * size_t(a.n_kv_heads))) {
+      uint16_t* kp = kbuf.data();
+      uint16_t* vp = vbuf.data();
+      parallel_for_dynamic(pool, a.n_kv_heads, [&](int64_t h, int) {
+        t.attn_bf16_pack(a, h, T, kp + size_t(h) * per_head, vp + size_t(h) * per_head);
+      });
+      parallel_for_dynamic(pool, n_tasks, [&](int64_t i, int) {
+        int64_t kvh = i % a.n_kv_heads, rb = row_tasks - 1 - i / a.n_kv_heads;
+        int64_t i0 = rb * rows_per_task, i1 = std::min(a.n_q, i0 + rows_per_task);
+        t.attn_bf16_task(a, kp + size_t(kvh) * per_head, vp + size_t(kvh) * per_head, kvh, i0, i1);
+      });
+      return Status::kOk;
+    }
+  }
   // Later row blocks (more keys under the causal mask) first, for load balance.
   parallel_for_dynamic(pool, n_tasks, [&](int64_t i, int) {
     int64_t kvh = i % a.n_kv_heads, rb = row_tasks - 1 - i / a.n_kv_heads;
@@ -413,6 +434,8 @@ Status attention(const AttentionArgs& a, ThreadPool* pool) {
   });
   return Status::kOk;
 }
+
+bool attention_bf16_available() { return impl::active_table().attn_bf16_task != nullptr; }
 
 }  // namespace kernels
 }  // namespace edgemm

@@ -87,6 +87,13 @@ using RopeRowFn = void (*)(float* x, int64_t n_heads, int64_t head_dim, int64_t 
                            const float* sin);
 // Attention for one task: kv head `kvh`, query rows [i0, i1) of every q-head of the group.
 using AttnTaskFn = void (*)(const AttentionArgs&, int64_t kvh, int64_t i0, int64_t i1);
+// BF16 attention (AttentionArgs::allow_bf16): keys [0, T) of kv head `kvh` packed into `kp`/`vp`
+// (each kAttnBf16Pad-rounded T x head_dim bf16, layouts in x86_amx.cpp), then tasks as AttnTaskFn
+// reading the packed head.
+constexpr int64_t kAttnBf16Pad = 32;
+using AttnBf16PackFn = void (*)(const AttentionArgs&, int64_t kvh, int64_t T, uint16_t* kp, uint16_t* vp);
+using AttnBf16TaskFn = void (*)(const AttentionArgs&, const uint16_t* kp, const uint16_t* vp, int64_t kvh,
+                                int64_t i0, int64_t i1);
 
 struct KernelTable {
   Isa isa;
@@ -110,6 +117,8 @@ struct KernelTable {
   SwigluFn swiglu;
   RopeRowFn rope_row;
   AttnTaskFn attn_task;
+  AttnBf16PackFn attn_bf16_pack = nullptr;  // both set only where the CPU has AMX-BF16 and AVX512-BF16
+  AttnBf16TaskFn attn_bf16_task = nullptr;
 };
 
 // Per-ISA tables (null when not compiled in).

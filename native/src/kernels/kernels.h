@@ -265,8 +265,13 @@ struct AttentionArgs {
   int64_t n_heads = 0, n_kv_heads = 0, head_dim = 0;
   bool causal = true;
   float scale = 0.f;
+  // Permits bf16 Q, K, V and probabilities (fp32 accumulation, scores and softmax) on CPUs with AMX-BF16,
+  // for calls with at least 16 query rows per kv head and head_dim a multiple of 32; fp32 otherwise.
+  bool allow_bf16 = false;
 };
 Status attention(const AttentionArgs& args, ThreadPool* pool);
+// True when attention() can take the bf16 path on this CPU (active ISA has AMX-BF16).
+bool attention_bf16_available();
 
 // ---------------------------------------------------------------------------------------------------
 // Scalar references on the canonical formats (used by tests and the benchmark's correctness checks).

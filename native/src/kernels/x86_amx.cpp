@@ -16,6 +16,15 @@
 // correction); the epilogue is the VNNI kernel's (float(acc) * (s_a * s_w[n]) + bias with one FMA), so
 // results are bit-identical to the AVX-512 VNNI table. Shadow outliers run after the GEMM (w8a8_shadow:
 // same bits as the VNNI kernel's fused epilogue, see kernels.h).
+//
+// AMX-BF16 attention (AttentionArgs::allow_bf16, on CPUs that also have AMX-BF16 and AVX512-BF16): per kv
+// head, K and V are converted once per call to bf16 tiles; per block of 16 query rows, S = Q K^T runs on
+// TDPBF16PS into fp32, the softmax is exact over all keys in fp32 (masked keys get probability 0), P is
+// rounded to bf16 and O = P V accumulates in fp32 tiles. Layouts (bf16 elements, T padded to 32 keys):
+//   K: blocks of 16 keys, each [head_dim/2][16 keys][2]: the B tile of a 32-deep d slice s of block b
+//      starts at b*16*D + s*512, stride 64 bytes;
+//   V: blocks of 32 keys, each [16 key pairs][D][2]: the B tile of 16 output columns j*16.. of block c
+//      starts at c*32*D + j*32, stride 4*D bytes.
 #include <immintrin.h>
 
 #if defined(__linux__)
@@ -24,6 +33,10 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "aligned_buffer.h"
 
 #include "cpu_features.h"
 #include "layout.h"
@@ -202,6 +215,152 @@ bool os_grants_amx() {
 #endif
 }
 
+// ------------------------------------------------------------------------------------------------
+// BF16 attention
+// ------------------------------------------------------------------------------------------------
+EDGEMM_INLINE void bf16_store16(uint16_t* dst, __m512 v, __mmask16 m = 0xffff) {
+  _mm256_mask_storeu_epi16(dst, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+void amx_attn_pack(const AttentionArgs& a, int64_t kvh, int64_t T, uint16_t* kp, uint16_t* vp) {
+  const int64_t D = a.head_dim, Tp = (T + kAttnBf16Pad - 1) / kAttnBf16Pad * kAttnBf16Pad;
+  const float* kb = a.k + kvh * a.k_head_stride;
+  const float* vb = a.v + kvh * a.v_head_stride;
+  alignas(64) uint16_t row[256];
+  for (int64_t t = 0; t < Tp; ++t) {
+    if (t < T) {
+      for (int64_t d = 0; d < D; d += 16) bf16_store16(row + d, _mm512_loadu_ps(kb + t * a.k_ld + d));
+    } else {
+      std::memset(row, 0, size_t(D) * 2);
+    }
+    uint16_t* kd = kp + (t / 16) * 16 * D + (t % 16) * 2;
+    for (int64_t d = 0; d < D; d += 2) {
+      kd[(d / 2) * 32] = row[d];
+      kd[(d / 2) * 32 + 1] = row[d + 1];
+    }
+    if (t < T) {
+      for (int64_t d = 0; d < D; d += 16) bf16_store16(row + d, _mm512_loadu_ps(vb + t * a.v_ld + d));
+    } else {
+      std::memset(row, 0, size_t(D) * 2);
+    }
+    uint16_t* vd = vp + (t / 32) * 32 * D + ((t % 32) / 2) * 2 * D + (t % 2);
+    for (int64_t d = 0; d < D; ++d) vd[2 * d] = row[d];
+  }
+}
+
+// Tiles: 0-3 fp32 accumulators, 4 Q / P (A), 5-6 K / V (B).
+void amx_attn_task(const AttentionArgs& a, const uint16_t* kp, const uint16_t* vp, int64_t kvh, int64_t i0, int64_t i1) {
+  _tile_loadconfig(&tile_config());
+  const int64_t grp = a.n_heads / a.n_kv_heads, D = a.head_dim;
+  const int64_t Tall = (a.n_kv + kAttnBf16Pad - 1) / kAttnBf16Pad * kAttnBf16Pad;
+  thread_local AlignedBuffer<float> s_buf, o_buf;
+  thread_local AlignedBuffer<uint16_t> q_buf, p_buf;
+  if (!s_buf.resize(size_t(16 * Tall)) || !p_buf.resize(size_t(16 * Tall)) || !o_buf.resize(size_t(16 * D)) ||
+      !q_buf.resize(size_t(16 * D)))
+    return table_avx512()->attn_task(a, kvh, i0, i1);
+  float* S = s_buf.data();
+  float* O = o_buf.data();
+  uint16_t* Q = q_buf.data();
+  uint16_t* P = p_buf.data();
+  const __m512 vscale = _mm512_set1_ps(a.scale);
+  for (int64_t hh = 0; hh < grp; ++hh) {
+    const int64_t h = kvh * grp + hh;
+    for (int64_t r0 = i0; r0 < i1; r0 += 16) {
+      const int nr = static_cast<int>(std::min<int64_t>(16, i1 - r0));
+      int64_t lim[16];
+      int64_t tmax = 1;
+      for (int r = 0; r < 16; ++r) {
+        uint16_t* qd = Q + r * D;
+        if (r < nr) {
+          const float* q = a.q + (r0 + r) * a.q_ld + h * D;
+          for (int64_t d = 0; d < D; d += 16) bf16_store16(qd + d, _mm512_mul_ps(vscale, _mm512_loadu_ps(q + d)));
+          lim[r] = a.causal ? std::min(a.n_kv, a.q_pos0 + r0 + r + 1) : a.n_kv;
+          tmax = std::max(tmax, lim[r]);
+        } else {
+          std::memset(qd, 0, size_t(D) * 2);
+          lim[r] = 0;
+        }
+      }
+      const int64_t Tp = (tmax + kAttnBf16Pad - 1) / kAttnBf16Pad * kAttnBf16Pad;
+      // S = Q K^T, 32 keys per step.
+      for (int64_t kb = 0; kb < Tp; kb += 32) {
+        _tile_zero(0);
+        _tile_zero(1);
+        const uint16_t* k0 = kp + (kb / 16) * 16 * D;
+        const uint16_t* k1 = k0 + 16 * D;
+        for (int64_t sl = 0; sl < D / 32; ++sl) {
+          _tile_loadd(4, Q + sl * 32, D * 2);
+          _tile_loadd(5, k0 + sl * 512, 64);
+          _tile_loadd(6, k1 + sl * 512, 64);
+          _tile_dpbf16ps(0, 4, 5);
+          _tile_dpbf16ps(1, 4, 6);
+        }
+        _tile_stored(0, S + kb, Tp * 4);
+        _tile_stored(1, S + kb + 16, Tp * 4);
+      }
+      // Exact softmax per row in fp32; P in bf16 (zero for masked keys and padding rows).
+      float inv[16];
+      for (int r = 0; r < 16; ++r) {
+        float* sr = S + r * Tp;
+        uint16_t* pr = P + r * Tp;
+        const int64_t T = lim[r];
+        if (T <= 0) {
+          std::memset(pr, 0, size_t(Tp) * 2);
+          inv[r] = 0.f;
+          continue;
+        }
+        __m512 vmax = _mm512_set1_ps(-INFINITY);
+        for (int64_t t = 0; t < T; t += 16)
+          vmax = _mm512_mask_max_ps(vmax, tail_mask(T - t), vmax, _mm512_loadu_ps(sr + t));
+        const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t t = 0; t < Tp; t += 16) {
+          const __mmask16 m = t < T ? tail_mask(T - t) : __mmask16(0);
+          const __m512 p = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + t), mx)));
+          sum = _mm512_add_ps(sum, p);
+          bf16_store16(pr + t, p);
+        }
+        inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+      }
+      // O = P V, 64 output columns (4 tiles) at a time.
+      for (int64_t d0 = 0; d0 < D; d0 += 64) {
+        const int nt = static_cast<int>(std::min<int64_t>(64, D - d0) / 16);
+        _tile_zero(0);
+        if (nt > 1) _tile_zero(1);
+        if (nt > 2) _tile_zero(2);
+        if (nt > 3) _tile_zero(3);
+        for (int64_t kb = 0; kb < Tp; kb += 32) {
+          _tile_loadd(4, P + kb, Tp * 2);
+          const uint16_t* vb = vp + kb * D + d0 * 2;
+          _tile_loadd(5, vb, D * 4);
+          _tile_dpbf16ps(0, 4, 5);
+          if (nt > 1) {
+            _tile_loadd(6, vb + 32, D * 4);
+            _tile_dpbf16ps(1, 4, 6);
+          }
+          if (nt > 2) {
+            _tile_loadd(5, vb + 64, D * 4);
+            _tile_dpbf16ps(2, 4, 5);
+          }
+          if (nt > 3) {
+            _tile_loadd(6, vb + 96, D * 4);
+            _tile_dpbf16ps(3, 4, 6);
+          }
+        }
+        _tile_stored(0, O + d0, D * 4);
+        if (nt > 1) _tile_stored(1, O + d0 + 16, D * 4);
+        if (nt > 2) _tile_stored(2, O + d0 + 32, D * 4);
+        if (nt > 3) _tile_stored(3, O + d0 + 48, D * 4);
+      }
+      for (int r = 0; r < nr; ++r) {
+        float* out = a.out + (r0 + r) * a.out_ld + h * D;
+        const __m512 vi = _mm512_set1_ps(inv[r]);
+        for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(out + d, _mm512_mul_ps(vi, _mm512_load_ps(O + r * D + d)));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 bool amx_supported() {
@@ -220,6 +379,11 @@ const KernelTable* table_amx() {
     k.w8a8_quant = amx_w8a8_quant;
     k.w8a8_gemm = amx_w8a8_gemm;
     k.w8a8_gemm_fuses_shadow = false;
+    const CpuFeatures& f = cpu_features();
+    if (f.amx_bf16 && f.avx512bf16) {
+      k.attn_bf16_pack = amx_attn_pack;
+      k.attn_bf16_task = amx_attn_task;
+    }
     return k;
   }();
   return &t;
