@@ -6,7 +6,7 @@ import torch
 from conftest import random_model, tiny_config
 from edgemm.errors import EdgemmError
 from edgemm.processor import Processor
-from edgemm.train.data import IGNORE, N_PATCH_TARGETS, PAIRS, conversation_ids, make_batch, patch_targets, vision_targets
+from edgemm.train.data import IGNORE, conversation_ids, make_batch, vision_targets
 from edgemm.train.demo import answer_loss
 from edgemm.train.loop import TrainConfig, train
 
@@ -41,30 +41,6 @@ def test_vision_targets_encode_the_scene():
 
     t = vision_targets([Obj("circle", "red", 2, 2, 12), Obj("square", "blue", 40, 40, 14)])
     assert t[:12].sum() == 2 and t[12:24].sum() == 1 and t[24:28].tolist() == [0, 1, 0, 0]
-
-
-def test_patch_targets_mark_each_objects_patches_with_its_pair_and_side():
-    from edgemm.data.shapes import Obj
-
-    left, right = Obj("circle", "red", 2, 2, 12), Obj("square", "blue", 40, 41, 14)
-    t = patch_targets([left, right], grid=8, patch=8).reshape(8, 8, N_PATCH_TARGETS)
-    jl = 2 * PAIRS.index(("red", "circle"))  # left side: even slot
-    jr = 2 * PAIRS.index(("blue", "square")) + 1  # right side: odd slot
-    assert {(int(r), int(c)) for r, c in zip(*t[..., jl].nonzero())} == {(0, 0), (0, 1), (1, 0), (1, 1)}  # px 2..13
-    assert {(int(r), int(c)) for r, c in zip(*t[..., jr].nonzero())} == {(5, 5), (5, 6), (6, 5), (6, 6)}  # px 40..53, 41..54
-    assert t.sum() == 8
-
-
-def test_training_conversations_ask_every_position_question():
-    import numpy as np
-
-    from edgemm.data import shapes
-
-    rng = np.random.default_rng(3)
-    for _ in range(50):
-        im, qas, scene = shapes.training_example(rng, max_questions=100)
-        asked = {q for q, _a, t in qas if t == "position"}
-        assert asked == {q for q, _a in shapes.candidates(scene)["position"]}
 
 
 def _tiny_run(proc, tmp_path, steps, ckpt=None, fail_at=None):

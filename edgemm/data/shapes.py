@@ -140,19 +140,12 @@ def generate(n: int, seed: int):
 
 
 def training_example(rng: np.random.Generator, max_questions: int = 8):
-    """A scene with several questions, shuffled: the multi-turn conversations the demo models train on.
-
-    One question per applicable type, plus a second `exists` (yes and no are drawn separately), and
-    every `position` question the scene allows: asking about each object in turn is what teaches a
-    small decoder to bind a (color, shape) pair to its own patches (with one position question per
-    scene, 4-object scenes stayed near chance)."""
+    """A scene with several questions (one per applicable type, plus a yes and a no for `exists`),
+    shuffled: the multi-turn conversations the demo models train on."""
     scene = sample_scene(rng)
     cands = candidates(scene)
     qas = []
     for t in TYPES:
-        if t == "position":
-            qas += [(q, a, t) for q, a in cands[t]]
-            continue
         qa = pick_question(rng, t, cands)
         if qa is not None:
             qas.append((qa[0], qa[1], t))

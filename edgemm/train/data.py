@@ -24,7 +24,6 @@ class Batch:
     labels: torch.Tensor  # [B, T] answer tokens (and their EOS), IGNORE elsewhere
     pixel_values: torch.Tensor  # [B, 3, S, S]
     vision_targets: torch.Tensor | None = None  # [B, n_targets] for vision pre-training
-    patch_targets: torch.Tensor | None = None  # [B, P, N_PATCH_TARGETS] for vision pre-training
 
 
 def conversation_ids(processor: Processor, qas: list[tuple[str, str, str]]) -> tuple[list[int], list[int]]:
@@ -69,36 +68,16 @@ def vision_targets(scene) -> np.ndarray:
     return t
 
 
-# Dense targets: what each patch of the grid shows. The [CLS] targets say *whether* a (color, shape)
-# pair is left or right; these say *where* each object is, so the patch features handed to the LLM
-# carry, on the object's own patches, its identity and side. A question about one object then reads
-# from those patches; without them the LLM has to bind a pair to a location across 2-4 objects.
-N_PATCH_TARGETS = len(PAIRS) * 2
-
-
-def patch_targets(scene, grid: int, patch: int) -> np.ndarray:
-    """[grid*grid (raster order), pair x {left, right}]: 1 where the object's box overlaps the patch."""
-    t = np.zeros((grid, grid, N_PATCH_TARGETS), np.float32)
-    for o in scene:
-        j = 2 * PAIRS.index((o.color, o.shape)) + int(o.center_x >= shapes.CANVAS / 2)
-        c0, c1 = o.x // patch, (o.x + o.size - 1) // patch
-        r0, r1 = o.y // patch, (o.y + o.size - 1) // patch
-        t[r0:r1 + 1, c0:c1 + 1, j] = 1
-    return t.reshape(grid * grid, N_PATCH_TARGETS)
-
-
 def make_batch(processor: Processor, batch_size: int, seed: int, step: int, rank: int = 0,
                max_questions: int = 8) -> Batch:
     rng = np.random.default_rng([seed, step, rank])
     vcfg = processor.config.vision
-    rows, pix, vt, pt = [], [], [], []
-    grid = vcfg.image_size // vcfg.patch_size
+    rows, pix, vt = [], [], []
     for _ in range(batch_size):
         im, qas, scene = shapes.training_example(rng, max_questions)
         rows.append(conversation_ids(processor, qas))
         pix.append(preprocess_image(im, vcfg))
         vt.append(vision_targets(scene))
-        pt.append(patch_targets(scene, grid, shapes.CANVAS // grid))
     t = max(len(r[0]) for r in rows)
     ids = np.full((batch_size, t), processor.config.pad_token_id, np.int64)
     lab = np.full((batch_size, t), IGNORE, np.int64)
@@ -108,7 +87,7 @@ def make_batch(processor: Processor, batch_size: int, seed: int, step: int, rank
         lab[i, : len(l)] = l
         mask[i, : len(r)] = 1
     return Batch(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(lab),
-                 torch.from_numpy(np.stack(pix)), torch.from_numpy(np.stack(vt)), torch.from_numpy(np.stack(pt)))
+                 torch.from_numpy(np.stack(pix)), torch.from_numpy(np.stack(vt)))
 
 
 def merged_labels(labels: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, k: int) -> torch.Tensor:
