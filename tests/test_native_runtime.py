@@ -602,3 +602,21 @@ def test_sanitizer_and_cross_builds_are_not_candidates(tmp_path):
         (d / "CMakeCache.txt").write_text(cache)
         (d / "libedgemm.so").write_bytes(b"\x7fELF")
         assert _native._loadable_build(d / "libedgemm.so") is ok, name
+
+
+def test_attention_option_auto_follows_the_linears_and_the_ab_tool_reports_each_mode(bundles, native_lib):
+    from edgemm.bench.attention_ab import measure
+
+    bf16_cpu = "amx_bf16" in open("/proc/cpuinfo").read() and "avx512_bf16" in open("/proc/cpuinfo").read()
+    for p, quantized in (("fp32", False), ("w8a8-int4", True)):
+        m = _native.Model(bundles[p], n_threads=1)
+        want = "bf16" if (quantized and bf16_cpu) else "fp32"
+        assert m.info()["attention"]["text_prefill"] == want, p
+        m.close()
+    assert _native.Model(bundles["fp32"], n_threads=1, attention="fp32").info()["attention"] == {"vision": "fp32", "text_prefill": "fp32"}
+    with pytest.raises(EdgemmError, match="attention"):
+        _native.Model(bundles["fp32"], attention="fp16")
+    rep = measure(bundles["w8a8-int4"], threads=1, repeats=1)
+    assert [r["mode"] for r in rep["modes"]] == ["auto", "fp32", "auto"]
+    assert all(r["runs"][0]["ttft_ms"] > 0 and r["runs"][0]["prefill_tokens"] > 0 for r in rep["modes"])
+    assert rep["modes"][1]["attention"]["text_prefill"] == "fp32"
