@@ -533,6 +533,9 @@ void test_elementwise() {
     CHECK_OK(silu(x.data(), y.data(), n, &pool2()));
     for (int64_t i = 0; i < n; ++i) yr[i] = ref::silu(x[i]);
     CHECK_CLOSE(y.data(), yr.data(), n, 1e-30, 2e-6);
+    CHECK_OK(quick_gelu(x.data(), y.data(), n, &pool2()));
+    for (int64_t i = 0; i < n; ++i) yr[i] = ref::quick_gelu(x[i]);
+    CHECK_CLOSE(y.data(), yr.data(), n, 1e-30, 4e-6);
     CHECK_OK(gelu_erf(x.data(), y.data(), n, nullptr));
     for (int64_t i = 0; i < n; ++i) yr[i] = ref::gelu_erf(x[i]);
     CHECK_CLOSE(y.data(), yr.data(), n, 1e-30, 1e-5);  // ~erfc accuracy relative, also in the tail

@@ -43,7 +43,7 @@ static void activation(const std::string& act, float* x, int64_t n, ThreadPool* 
   } else if (act == "silu") {
     check_kernel(kernels::silu(x, x, n, pool), "silu");
   } else {  // quick_gelu: x * sigmoid(1.702 x)
-    for (int64_t i = 0; i < n; ++i) x[i] = x[i] * (1.0f / (1.0f + std::exp(-1.702f * x[i])));
+    check_kernel(kernels::quick_gelu(x, x, n, pool), "quick_gelu");
   }
 }
 

@@ -225,6 +225,7 @@ Status softmax(float* x, int64_t ld, int64_t rows, int64_t n, ThreadPool* pool);
 Status silu(const float* x, float* y, int64_t n, ThreadPool* pool);
 Status gelu_erf(const float* x, float* y, int64_t n, ThreadPool* pool);   // 0.5 x (1 + erf(x/sqrt2))
 Status gelu_tanh(const float* x, float* y, int64_t n, ThreadPool* pool);  // tanh approximation
+Status quick_gelu(const float* x, float* y, int64_t n, ThreadPool* pool); // x sigmoid(1.702 x) (CLIP)
 // SwiGLU combine: y[r, i] = silu(gate[r, i]) * up[r, i], i < n. For a fused gate+up GEMM output
 // [rows, 2n] pass gate = out, up = out + n, ld = 2n.
 Status swiglu(const float* gate, int64_t ldg, const float* up, int64_t ldu, float* y, int64_t ldy,
@@ -299,6 +300,7 @@ void softmax(float* x, int64_t rows, int64_t n);
 float silu(float x);
 float gelu_erf(float x);
 float gelu_tanh(float x);
+float quick_gelu(float x);
 void rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, int64_t rot_dim,
           const int32_t* positions, float theta);
 void attention(const AttentionArgs& a);

@@ -147,6 +147,7 @@ void softmax(float* x, int64_t rows, int64_t n) {
 }
 
 float silu(float x) { return float(double(x) / (1.0 + std::exp(-double(x)))); }
+float quick_gelu(float x) { return float(double(x) / (1.0 + std::exp(-1.702 * double(x)))); }
 // Written without the cancellation of 1 + erf / 1 + tanh for large negative x.
 float gelu_erf(float x) { return float(0.5 * x * std::erfc(-double(x) / std::sqrt(2.0))); }
 float gelu_tanh(float x) {
