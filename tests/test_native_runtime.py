@@ -607,7 +607,8 @@ def test_sanitizer_and_cross_builds_are_not_candidates(tmp_path):
 def test_attention_option_auto_follows_the_linears_and_the_ab_tool_reports_each_mode(bundles, native_lib):
     from edgemm.bench.attention_ab import measure
 
-    bf16_cpu = "amx_bf16" in open("/proc/cpuinfo").read() and "avx512_bf16" in open("/proc/cpuinfo").read()
+    flags = Path("/proc/cpuinfo").read_text()
+    bf16_cpu = "amx_bf16" in flags and "avx512_bf16" in flags
     for p, quantized in (("fp32", False), ("w8a8-int4", True)):
         m = _native.Model(bundles[p], n_threads=1)
         want = "bf16" if (quantized and bf16_cpu) else "fp32"

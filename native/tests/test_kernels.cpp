@@ -579,12 +579,50 @@ void test_rope() {
 // ---------------------------------------------------------------------------------------------------
 // Attention
 // ---------------------------------------------------------------------------------------------------
+struct AttnCase {
+  int64_t n_q, q_pos0, n_heads, n_kv_heads, head_dim;
+  bool causal;
+  int64_t n_kv;  // for non-causal
+};
+
+// Random inputs of a case: a KV cache [n_kv_heads][n_kv + seq_slack][D] and queries [n_q][H*D] at a row
+// stride of H*D + q_pad; `args` points into them and at `out`.
+struct AttnData {
+  std::vector<float> k, v, q, out;
+  AttentionArgs args;
+};
+AttnData make_attention(Rng& rng, const AttnCase& c, int64_t seq_slack, int64_t q_pad) {
+  const int64_t D = c.head_dim, n_kv = c.causal ? c.q_pos0 + c.n_q : c.n_kv;
+  const int64_t max_seq = n_kv + seq_slack, q_ld = c.n_heads * D + q_pad;
+  AttnData t;
+  t.k = rng.normals(c.n_kv_heads * max_seq * D);
+  t.v = rng.normals(c.n_kv_heads * max_seq * D);
+  t.q = rng.normals(c.n_q * q_ld, 2.0f);
+  t.out.assign(size_t(c.n_q * c.n_heads * D), 0.f);
+  AttentionArgs& a = t.args;
+  a.q = t.q.data();
+  a.q_ld = q_ld;
+  a.k = t.k.data();
+  a.k_ld = D;
+  a.k_head_stride = max_seq * D;
+  a.v = t.v.data();
+  a.v_ld = D;
+  a.v_head_stride = max_seq * D;
+  a.out = t.out.data();
+  a.out_ld = c.n_heads * D;
+  a.n_q = c.n_q;
+  a.n_kv = n_kv;
+  a.q_pos0 = c.q_pos0;
+  a.n_heads = c.n_heads;
+  a.n_kv_heads = c.n_kv_heads;
+  a.head_dim = D;
+  a.causal = c.causal;
+  a.scale = 1.0f / std::sqrt(float(D));
+  return t;
+}
+
 void test_attention() {
-  struct C {
-    int64_t n_q, q_pos0, n_heads, n_kv_heads, head_dim;
-    bool causal;
-    int64_t n_kv;  // for non-causal
-  };
+  using C = AttnCase;
   const C cases[] = {
       {1, 0, 4, 4, 64, true, 0},      {1, 99, 8, 2, 128, true, 0},     {1, 300, 16, 1, 64, true, 0},
       {5, 0, 2, 1, 32, true, 0},      {37, 20, 4, 2, 128, true, 0},    {64, 64, 16, 16, 128, true, 0},
@@ -594,32 +632,10 @@ void test_attention() {
   etest::for_each_isa([&](Isa) {
     Rng rng(8);
     for (const C& c : cases) {
-      const int64_t D = c.head_dim, n_kv = c.causal ? c.q_pos0 + c.n_q : c.n_kv;
-      const int64_t max_seq = n_kv + 7;
-      // KV cache [n_kv_heads][max_seq][D]; queries [n_q][H*D] with a wider stride.
-      std::vector<float> kc = rng.normals(c.n_kv_heads * max_seq * D), vc = rng.normals(c.n_kv_heads * max_seq * D);
-      const int64_t q_ld = c.n_heads * D + 5;
-      std::vector<float> q = rng.normals(c.n_q * q_ld, 2.0f);
-      std::vector<float> out(c.n_q * c.n_heads * D), outr(out.size());
-      AttentionArgs a;
-      a.q = q.data();
-      a.q_ld = q_ld;
-      a.k = kc.data();
-      a.k_ld = D;
-      a.k_head_stride = max_seq * D;
-      a.v = vc.data();
-      a.v_ld = D;
-      a.v_head_stride = max_seq * D;
-      a.out = out.data();
-      a.out_ld = c.n_heads * D;
-      a.n_q = c.n_q;
-      a.n_kv = n_kv;
-      a.q_pos0 = c.q_pos0;
-      a.n_heads = c.n_heads;
-      a.n_kv_heads = c.n_kv_heads;
-      a.head_dim = D;
-      a.causal = c.causal;
-      a.scale = 1.0f / std::sqrt(float(D));
+      AttnData t = make_attention(rng, c, 7, 5);
+      const AttentionArgs& a = t.args;
+      std::vector<float>& out = t.out;
+      std::vector<float> outr(out.size());
       CHECK_OK(attention(a, &pool2()));
       AttentionArgs ar = a;
       ar.out = outr.data();
@@ -696,11 +712,7 @@ void ref_attention_bf16(const AttentionArgs& a) {
 }
 
 void test_attention_bf16() {
-  struct C {
-    int64_t n_q, q_pos0, n_heads, n_kv_heads, head_dim;
-    bool causal;
-    int64_t n_kv;  // for non-causal
-  };
+  using C = AttnCase;
   const C cases[] = {
       {16, 0, 2, 2, 32, true, 0},     {37, 20, 4, 2, 128, true, 0}, {64, 64, 4, 4, 128, true, 0},
       {50, 0, 4, 4, 64, false, 50},   {17, 0, 3, 3, 96, false, 131}, {8, 10, 8, 2, 64, true, 0},
@@ -712,31 +724,10 @@ void test_attention_bf16() {
     const bool bf16 = attention_bf16_available();
     ran_bf16 |= bf16;
     for (const C& c : cases) {
-      const int64_t D = c.head_dim, n_kv = c.causal ? c.q_pos0 + c.n_q : c.n_kv;
-      const int64_t max_seq = n_kv + 3;
-      std::vector<float> kc = rng.normals(c.n_kv_heads * max_seq * D), vc = rng.normals(c.n_kv_heads * max_seq * D);
-      const int64_t q_ld = c.n_heads * D + 16;
-      std::vector<float> q = rng.normals(c.n_q * q_ld, 2.0f);
-      std::vector<float> out(c.n_q * c.n_heads * D), outr(out.size()), out32(out.size());
-      AttentionArgs a;
-      a.q = q.data();
-      a.q_ld = q_ld;
-      a.k = kc.data();
-      a.k_ld = D;
-      a.k_head_stride = max_seq * D;
-      a.v = vc.data();
-      a.v_ld = D;
-      a.v_head_stride = max_seq * D;
-      a.out = out.data();
-      a.out_ld = c.n_heads * D;
-      a.n_q = c.n_q;
-      a.n_kv = n_kv;
-      a.q_pos0 = c.q_pos0;
-      a.n_heads = c.n_heads;
-      a.n_kv_heads = c.n_kv_heads;
-      a.head_dim = D;
-      a.causal = c.causal;
-      a.scale = 1.0f / std::sqrt(float(D));
+      AttnData t = make_attention(rng, c, 3, 16);
+      AttentionArgs& a = t.args;
+      std::vector<float>& out = t.out;
+      std::vector<float> outr(out.size()), out32(out.size());
       a.allow_bf16 = true;
       CHECK_OK(attention(a, &pool2()));
       AttentionArgs ar = a;

@@ -949,14 +949,14 @@ std::unique_ptr<Model> load_model(const std::string& path_in, const edgemm_load_
   m->decode_desc = desc(true);
   if (opts.attention < EDGEMM_ATTENTION_AUTO || opts.attention > EDGEMM_ATTENTION_BF16)
     fail(EDGEMM_ERR_INVALID_ARGUMENT, "load option attention must be 0 (auto), 1 (fp32) or 2 (bf16)");
-  {
-    const bool can = kernels::attention_bf16_available();
-    auto quantized = [](const Linear& l) { return l.valid() && l.kind != Linear::kF32; };
-    const bool vit_q = !m->vit.empty() && quantized(m->vit[0].qkv);
-    const bool text_q = !m->blocks.empty() && quantized(m->blocks[0].qkv);
-    m->vit_attn_bf16 = can && (opts.attention == EDGEMM_ATTENTION_BF16 || (opts.attention == EDGEMM_ATTENTION_AUTO && vit_q));
-    m->text_attn_bf16 = can && (opts.attention == EDGEMM_ATTENTION_BF16 || (opts.attention == EDGEMM_ATTENTION_AUTO && text_q));
-  }
+  // bf16 attention in a part: forced, or auto and the part's linears are quantized; only where the CPU can.
+  auto attn_bf16 = [&](const Linear* qkv) {
+    const bool quantized = qkv && qkv->valid() && qkv->kind != Linear::kF32;
+    return kernels::attention_bf16_available() &&
+           (opts.attention == EDGEMM_ATTENTION_BF16 || (opts.attention == EDGEMM_ATTENTION_AUTO && quantized));
+  };
+  m->vit_attn_bf16 = attn_bf16(m->vit.empty() ? nullptr : &m->vit[0].qkv);
+  m->text_attn_bf16 = attn_bf16(m->blocks.empty() ? nullptr : &m->blocks[0].qkv);
 #if defined(__GLIBC__)
   malloc_trim(0);  // hand the load-time transient buffers back to the OS (glibc keeps freed heap otherwise)
 #endif

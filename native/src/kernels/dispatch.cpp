@@ -419,31 +419,32 @@ Status attention(const AttentionArgs& a, ThreadPool* pool) {
   const int64_t rows_per_task = 32;
   const int64_t row_tasks = (a.n_q + rows_per_task - 1) / rows_per_task;
   const int64_t n_tasks = a.n_kv_heads * row_tasks;
+  // bf16 path: K and V of every kv head to bf16 tiles first (keys past the last query's causal limit
+  // are not read); falls back to fp32 if the buffers cannot be had.
+  const uint16_t* kp = nullptr;
+  const uint16_t* vp = nullptr;
+  const size_t per_head = size_t(impl::attn_bf16_padded(a.n_kv) * a.head_dim);
   if (a.allow_bf16 && t.attn_bf16_task && a.head_dim % 32 == 0 && a.n_q * (a.n_heads / a.n_kv_heads) >= 16) {
-    // K and V of every kv head to bf16 tiles (keys past the last query's causal limit are not read).
     const int64_t T = a.causal ? std::min(a.n_kv, a.q_pos0 + a.n_q) : a.n_kv;
-    const int64_t Tp = (a.n_kv + impl::kAttnBf16Pad - 1) / impl::kAttnBf16Pad * impl::kAttnBf16Pad;
-    const size_t per_head = size_t(Tp * a.head_dim);
     thread_local AlignedBuffer<uint16_t> kbuf, vbuf;
     if (kbuf.resize(per_head * size_t(a.n_kv_heads)) && vbuf.resize(per_head * size_t(a.n_kv_heads))) {
-      uint16_t* kp = kbuf.data();
-      uint16_t* vp = vbuf.data();
+      uint16_t* kw = kbuf.data();
+      uint16_t* vw = vbuf.data();
       parallel_for_dynamic(pool, a.n_kv_heads, [&](int64_t h, int) {
-        t.attn_bf16_pack(a, h, T, kp + size_t(h) * per_head, vp + size_t(h) * per_head);
+        t.attn_bf16_pack(a, h, T, kw + size_t(h) * per_head, vw + size_t(h) * per_head);
       });
-      parallel_for_dynamic(pool, n_tasks, [&](int64_t i, int) {
-        int64_t kvh = i % a.n_kv_heads, rb = row_tasks - 1 - i / a.n_kv_heads;
-        int64_t i0 = rb * rows_per_task, i1 = std::min(a.n_q, i0 + rows_per_task);
-        t.attn_bf16_task(a, kp + size_t(kvh) * per_head, vp + size_t(kvh) * per_head, kvh, i0, i1);
-      });
-      return Status::kOk;
+      kp = kw;
+      vp = vw;
     }
   }
   // Later row blocks (more keys under the causal mask) first, for load balance.
   parallel_for_dynamic(pool, n_tasks, [&](int64_t i, int) {
     int64_t kvh = i % a.n_kv_heads, rb = row_tasks - 1 - i / a.n_kv_heads;
     int64_t i0 = rb * rows_per_task, i1 = std::min(a.n_q, i0 + rows_per_task);
-    t.attn_task(a, kvh, i0, i1);
+    if (kp)
+      t.attn_bf16_task(a, kp + size_t(kvh) * per_head, vp + size_t(kvh) * per_head, kvh, i0, i1);
+    else
+      t.attn_task(a, kvh, i0, i1);
   });
   return Status::kOk;
 }

@@ -91,6 +91,7 @@ using AttnTaskFn = void (*)(const AttentionArgs&, int64_t kvh, int64_t i0, int64
 // (each kAttnBf16Pad-rounded T x head_dim bf16, layouts in x86_amx.cpp), then tasks as AttnTaskFn
 // reading the packed head.
 constexpr int64_t kAttnBf16Pad = 32;
+inline int64_t attn_bf16_padded(int64_t T) { return (T + kAttnBf16Pad - 1) / kAttnBf16Pad * kAttnBf16Pad; }
 using AttnBf16PackFn = void (*)(const AttentionArgs&, int64_t kvh, int64_t T, uint16_t* kp, uint16_t* vp);
 using AttnBf16TaskFn = void (*)(const AttentionArgs&, const uint16_t* kp, const uint16_t* vp, int64_t kvh,
                                 int64_t i0, int64_t i1);

@@ -223,7 +223,7 @@ EDGEMM_INLINE void bf16_store16(uint16_t* dst, __m512 v, __mmask16 m = 0xffff) {
 }
 
 void amx_attn_pack(const AttentionArgs& a, int64_t kvh, int64_t T, uint16_t* kp, uint16_t* vp) {
-  const int64_t D = a.head_dim, Tp = (T + kAttnBf16Pad - 1) / kAttnBf16Pad * kAttnBf16Pad;
+  const int64_t D = a.head_dim, Tp = attn_bf16_padded(T);
   const float* kb = a.k + kvh * a.k_head_stride;
   const float* vb = a.v + kvh * a.v_head_stride;
   alignas(64) uint16_t row[256];
@@ -252,7 +252,7 @@ void amx_attn_pack(const AttentionArgs& a, int64_t kvh, int64_t T, uint16_t* kp,
 void amx_attn_task(const AttentionArgs& a, const uint16_t* kp, const uint16_t* vp, int64_t kvh, int64_t i0, int64_t i1) {
   _tile_loadconfig(&tile_config());
   const int64_t grp = a.n_heads / a.n_kv_heads, D = a.head_dim;
-  const int64_t Tall = (a.n_kv + kAttnBf16Pad - 1) / kAttnBf16Pad * kAttnBf16Pad;
+  const int64_t Tall = attn_bf16_padded(a.n_kv);
   thread_local AlignedBuffer<float> s_buf, o_buf;
   thread_local AlignedBuffer<uint16_t> q_buf, p_buf;
   if (!s_buf.resize(size_t(16 * Tall)) || !p_buf.resize(size_t(16 * Tall)) || !o_buf.resize(size_t(16 * D)) ||
@@ -281,7 +281,7 @@ void amx_attn_task(const AttentionArgs& a, const uint16_t* kp, const uint16_t* v
           lim[r] = 0;
         }
       }
-      const int64_t Tp = (tmax + kAttnBf16Pad - 1) / kAttnBf16Pad * kAttnBf16Pad;
+      const int64_t Tp = attn_bf16_padded(tmax);
       // S = Q K^T, 32 keys per step.
       for (int64_t kb = 0; kb < Tp; kb += 32) {
         _tile_zero(0);
