@@ -139,19 +139,22 @@ def generate(n: int, seed: int):
         yield i, render(scene), qa[0], qa[1], qtype
 
 
-def training_example(rng: np.random.Generator, max_questions: int = 8):
-    """A scene with several questions (one per applicable type, plus a yes and a no for `exists`),
-    shuffled: the multi-turn conversations the demo models train on."""
+def training_example(rng: np.random.Generator, max_questions: int = 24):
+    """A scene and the questions the demo models train on about it, shuffled (at most max_questions).
+
+    Every `color`, `shape`, `position` and `count_shape` question the scene allows, the `count_all`
+    question, and up to two `exists` questions answered yes with as many answered no. Asking about each
+    object in turn is what teaches a small decoder to bind a (color, shape) pair to its own patches:
+    with one question per type, position questions on 4-object scenes stayed near chance. (Training
+    packs them so that no question sees another's answer: edgemm.train.data.)"""
     scene = sample_scene(rng)
     cands = candidates(scene)
-    qas = []
-    for t in TYPES:
-        qa = pick_question(rng, t, cands)
-        if qa is not None:
-            qas.append((qa[0], qa[1], t))
-    qa = pick_question(rng, "exists", cands)
-    if qa is not None:
-        qas.append((qa[0], qa[1], "exists"))
+    qas = [(q, a, t) for t in ("color", "shape", "position", "count_shape", "count_all") for q, a in cands[t]]
+    yes = [qa for qa in cands["exists"] if qa[1] == "yes"]
+    no = [qa for qa in cands["exists"] if qa[1] == "no"]
+    n = min(2, len(yes), len(no))
+    for pool in (yes, no):
+        qas += [(*pool[j], "exists") for j in rng.choice(len(pool), n, replace=False)]
     order = rng.permutation(len(qas))
     return render(scene), [qas[j] for j in order[:max_questions]], scene
 

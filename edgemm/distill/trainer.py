@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 from ..errors import EdgemmError
 from ..models.config import VLMConfig
-from ..models.modeling import EdgeVLM, expand_mask, positions_from_mask
+from ..models.modeling import EdgeVLM
 from ..processor import Processor
-from ..train.data import IGNORE, make_batch, merged_labels, visual_positions
+from ..train.data import IGNORE, make_batch, merged_labels, packed_forward, visual_positions
 from ..train.loop import TrainConfig, dist_info, train
 from .losses import kd_kl, rdist
 
@@ -195,9 +195,7 @@ def run_model(model: EdgeVLM, batch, vision=None):
         embeds_img = model.projector(vision)
     else:
         embeds_img = model.encode_image(batch.pixel_values).embeds
-    embeds = model.merge_image(batch.input_ids, embeds_img)
-    mask = expand_mask(batch.input_ids, batch.attention_mask, model.config.image_token_id, embeds.shape[1])
-    logits, hidden = model.text(embeds, positions_from_mask(mask), mask, return_hidden=True)
+    logits, hidden = packed_forward(model, batch, embeds_img, return_hidden=True)
     return logits, hidden, embeds_img.shape[1]
 
 

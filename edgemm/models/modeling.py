@@ -275,7 +275,8 @@ class TextDecoder(nn.Module):
 
     def forward(self, inputs_embeds, position_ids, attention_mask=None, cache: KVCache | None = None,
                 logits_to_keep: int = 0, return_hidden: bool = False):
-        """inputs_embeds [B, T, D]; position_ids [B, T]; attention_mask [B, past+T] (1 = attend) or None.
+        """inputs_embeds [B, T, D]; position_ids [B, T]; attention_mask [B, past+T] (1 = attend), or a
+        complete boolean mask [B, 1, T, past+T] (True = attend; e.g. packed training rows), or None.
 
         Returns logits [B, T or logits_to_keep, V] (and the final hidden states if asked).
         """
@@ -295,6 +296,11 @@ class TextDecoder(nn.Module):
 
 def causal_mask(b: int, t: int, past: int, attention_mask, device) -> torch.Tensor:
     """Boolean mask [B, 1, T, past+T]: query i (absolute past+i) sees key j <= past+i that is not padding."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.dtype != torch.bool or tuple(attention_mask.shape) != (b, 1, t, past + t):
+            raise EdgemmError(f"a full attention mask must be bool [{b}, 1, {t}, {past + t}], "
+                              f"got {attention_mask.dtype} {list(attention_mask.shape)}")
+        return attention_mask
     q = torch.arange(past, past + t, device=device)[:, None]
     k = torch.arange(past + t, device=device)[None, :]
     m = (k <= q)[None, None].expand(b, 1, t, past + t)

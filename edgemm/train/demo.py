@@ -2,9 +2,13 @@
 
 The recipe mirrors how real VLMs are built, at toy scale:
 1. a ViT is pre-trained as a classifier through its [CLS] token (as CLIP/ImageNet ViTs are), so its
-   [CLS] attention means something (FasterVLM-style token pruning relies on that);
-2. the VLM (that ViT + a fresh MLP projector + a fresh Llama-style decoder) is trained on multi-turn
-   visual question answering, loss on the answers only, with the ViT fine-tuned at a lower rate.
+   [CLS] attention means something (FasterVLM-style token pruning relies on that), and with a dense
+   per-patch objective on the block the projector reads (which object, left or right, covers each
+   patch), as detection/segmentation pre-training gives real encoders localized patch features;
+2. the VLM (that ViT + a fresh MLP projector + a fresh Llama-style decoder) is trained on visual
+   question answering, every question a scene allows per image, packed so that each is computed as
+   its own single-turn prompt (edgemm.train.data), loss on the answers only, with the ViT fine-tuned
+   at a lower rate.
 `demo` (the teacher) and `demo-small` (a smaller decoder: the distillation student's baseline) start
 from the same pre-trained ViT and train on the same data stream; demo-small trains the first half of
 demo's steps (its budget is also the distilled student's, see docs/distillation.md).
@@ -25,7 +29,7 @@ from ..models.config import TextConfig, VisionConfig, VLMConfig
 from ..models.modeling import EdgeVLM, VisionTransformer
 from ..processor import Processor
 from ..tokenizer_build import build_demo_tokenizer
-from .data import IGNORE, N_VISION_TARGETS, make_batch, merged_labels
+from .data import IGNORE, N_PATCH_TARGETS, N_VISION_TARGETS, make_batch, merged_labels, packed_forward
 from .loop import TrainConfig, train
 
 
@@ -48,28 +52,37 @@ class DemoRecipe:
     seed: int = 0
     vision_steps: int = 3000
     vision_lr: float = 1e-3
-    vlm_steps: int = 6000  # demo
-    small_vlm_steps: int = 3000  # demo-small (the distillation baseline; its budget is the student's)
+    vlm_steps: int = 4000  # demo
+    small_vlm_steps: int = 2000  # demo-small (the distillation baseline; its budget is the student's)
     vlm_lr: float = 1e-3
     vit_lr_scale: float = 0.1  # the pre-trained ViT fine-tunes at a tenth of the rate
     batch_size: int = 32
-    max_questions: int = 8
+    max_questions: int = 24  # every question a scene allows (at most 19)
     bf16: bool = True
+    patch_loss_weight: float = 1.0  # the ViT pre-training's per-patch (dense) objective, beside [CLS]
 
 
 class VisionPretrainHead(nn.Module):
-    """Classifier on the [CLS] token of the ViT's last block (training only; not shipped)."""
+    """Training-only heads (not shipped): a classifier on the [CLS] token of the ViT's last block, and
+    a per-patch classifier on the block the projector reads (`feature_layer`)."""
 
-    def __init__(self, vit: VisionTransformer):
+    def __init__(self, vit: VisionTransformer, feature_layer: int):
         super().__init__()
         self.vit = vit
+        self.feature_layer = feature_layer
         d = vit.cfg.hidden_size
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, N_VISION_TARGETS)
+        self.patch_norm = nn.LayerNorm(d)
+        self.patch_head = nn.Linear(d, N_PATCH_TARGETS)
 
     def forward(self, pixel_values):
-        h, _ = self.vit(pixel_values)
-        return self.head(self.norm(h[:, 0]))
+        """([B, N_VISION_TARGETS] [CLS] logits, [B, P, N_PATCH_TARGETS] patch logits)."""
+        h, _ = self.vit(pixel_values, num_layers=self.feature_layer)
+        patch_logits = self.patch_head(self.patch_norm(h[:, 1:]))
+        for layer in self.vit.layers[self.feature_layer:]:
+            h, _ = layer(h)
+        return self.head(self.norm(h[:, 0])), patch_logits
 
 
 def init_weights(model: nn.Module, std: float = 0.02) -> None:
@@ -87,15 +100,18 @@ def init_weights(model: nn.Module, std: float = 0.02) -> None:
 
 def pretrain_vision(processor: Processor, recipe: DemoRecipe, ckpt_dir: Path | None, quiet: bool = False):
     torch.manual_seed(recipe.seed)
-    net = VisionPretrainHead(VisionTransformer(processor.config.vision))
+    net = VisionPretrainHead(VisionTransformer(processor.config.vision), processor.config.feature_layer_index)
     init_weights(net)
 
     def loss_fn(m, step):
         b = make_batch(processor, recipe.batch_size, recipe.seed, step, max_questions=1)
-        logits = m(b.pixel_values)
+        logits, patch_logits = m(b.pixel_values)
         loss = F.binary_cross_entropy_with_logits(logits.float(), b.vision_targets)
+        patch_loss = F.binary_cross_entropy_with_logits(patch_logits.float(), b.patch_targets)
         acc = ((logits > 0).float() == b.vision_targets).float().mean()
-        return loss, {"bit_acc": acc}
+        # exact-match per patch: every pair/side bit of the patch right
+        patch_acc = ((patch_logits > 0).float() == b.patch_targets).all(-1).float().mean()
+        return loss + recipe.patch_loss_weight * patch_loss, {"bit_acc": acc, "patch_acc": patch_acc}
 
     cfg = TrainConfig(steps=recipe.vision_steps, lr=recipe.vision_lr, warmup=100, weight_decay=0.05,
                       batch_size=recipe.batch_size, seed=recipe.seed, bf16=recipe.bf16)
@@ -103,9 +119,9 @@ def pretrain_vision(processor: Processor, recipe: DemoRecipe, ckpt_dir: Path | N
     return net.vit, res
 
 
-def answer_loss(model: EdgeVLM, batch, k: int | None = None):
-    """Cross-entropy on the answer tokens; returns (loss, logits, merged labels)."""
-    logits = model(batch.input_ids, batch.pixel_values, batch.attention_mask)
+def answer_loss(model: EdgeVLM, batch):
+    """Cross-entropy on the answer tokens of a packed batch; returns (loss, logits, merged labels)."""
+    logits = packed_forward(model, batch, model.encode_image(batch.pixel_values).embeds)
     k = logits.shape[1] - batch.input_ids.shape[1] + 1
     lab = merged_labels(batch.labels, batch.input_ids, model.config.image_token_id, k)
     loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1), ignore_index=IGNORE)
