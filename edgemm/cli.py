@@ -285,8 +285,8 @@ def train_demo_cmd(out_dir: Optional[Path] = typer.Option(None, "--out", help="w
                    work_dir: Path = typer.Option(Path("runs/train-demo"), help="resumable training state"),
                    seed: int = typer.Option(0, help="random seed"),
                    vision_steps: Optional[int] = typer.Option(None, help="override the vision pre-training steps"),
-                   vlm_steps: Optional[int] = typer.Option(None, help="override demo's VLM training steps (default 4000)"),
-                   small_vlm_steps: Optional[int] = typer.Option(None, help="override demo-small's VLM training steps (default 2000)"),
+                   vlm_steps: Optional[int] = typer.Option(None, help="override demo's VLM training steps (default 3000)"),
+                   small_vlm_steps: Optional[int] = typer.Option(None, help="override demo-small's VLM training steps (default 1500)"),
                    threads: Optional[int] = typer.Option(None, help="CPU threads (default 2)"),
                    as_json: bool = typer.Option(False, "--json", help="print the training report as JSON")):
     """Train the demo models (seeded, CPU) and write them as edgemm checkpoints."""

@@ -140,7 +140,8 @@ def generate(n: int, seed: int):
 
 
 def training_example(rng: np.random.Generator, max_questions: int = 24):
-    """A scene and the questions the demo models train on about it, shuffled (at most max_questions).
+    """A scene and the questions the demo models train on about it, shuffled; at most max_questions,
+    the `color`, `shape` and `position` ones kept first.
 
     Every `color`, `shape`, `position` and `count_shape` question the scene allows, the `count_all`
     question, and up to two `exists` questions answered yes with as many answered no. Asking about each
@@ -156,7 +157,10 @@ def training_example(rng: np.random.Generator, max_questions: int = 24):
     for pool in (yes, no):
         qas += [(*pool[j], "exists") for j in rng.choice(len(pool), n, replace=False)]
     order = rng.permutation(len(qas))
-    return render(scene), [qas[j] for j in order[:max_questions]], scene
+    # past max_questions, drop non-binding questions first (the order within a row does not matter:
+    # each question is trained as its own prompt)
+    kept = sorted((qas[j] for j in order), key=lambda qa: qa[2] not in ("color", "shape", "position"))
+    return render(scene), kept[:max_questions], scene
 
 
 def vocabulary_corpus() -> list[str]:
