@@ -139,7 +139,7 @@ def generate(n: int, seed: int):
         yield i, render(scene), qa[0], qa[1], qtype
 
 
-def training_example(rng: np.random.Generator, max_questions: int = 24):
+def training_example(rng: np.random.Generator, max_questions: int = 12):
     """A scene and the questions the demo models train on about it, shuffled; at most max_questions,
     the `color`, `shape` and `position` ones kept first.
 

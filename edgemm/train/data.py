@@ -27,7 +27,6 @@ IGNORE = -100
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # [B, T] right-padded: the shared prefix (one image token), then the turns
-    attention_mask: torch.Tensor  # [B, T] 1 on real tokens, 0 on padding
     labels: torch.Tensor  # [B, T] answer tokens (and their EOS), IGNORE elsewhere
     pixel_values: torch.Tensor  # [B, 3, S, S]
     segments: torch.Tensor  # [B, T] 0 = shared prefix, j >= 1 = turn j, -1 = padding
@@ -123,7 +122,7 @@ def patch_targets(scene, grid: int, patch: int) -> np.ndarray:
 
 
 def make_batch(processor: Processor, batch_size: int, seed: int, step: int, rank: int = 0,
-               max_questions: int = 8) -> Batch:
+               max_questions: int = 12) -> Batch:
     rng = np.random.default_rng([seed, step, rank])
     vcfg = processor.config.vision
     rows, pix, vt, pt = [], [], [], []
@@ -142,9 +141,8 @@ def make_batch(processor: Processor, batch_size: int, seed: int, step: int, rank
         ids[i, : len(r)] = r
         lab[i, : len(l)] = l
         seg[i, : len(g)] = g
-    return Batch(torch.from_numpy(ids), torch.from_numpy((seg >= 0).astype(np.int64)), torch.from_numpy(lab),
-                 torch.from_numpy(np.stack(pix)), torch.from_numpy(seg), torch.from_numpy(np.stack(vt)),
-                 torch.from_numpy(np.stack(pt)))
+    return Batch(torch.from_numpy(ids), torch.from_numpy(lab), torch.from_numpy(np.stack(pix)), torch.from_numpy(seg),
+                 torch.from_numpy(np.stack(vt)), torch.from_numpy(np.stack(pt)))
 
 
 def spread_image(x: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, k: int, fill: int) -> torch.Tensor:
