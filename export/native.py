@@ -17,8 +17,9 @@ a [N, K] tensor is stored with ne = [K, N]. A second, decode-only weight set for
 layers and its LM head lives under the prefix `decode.` (`decode.text.layers.0.mlp.up_proj.qweight`,
 `.scales`, `.zeros`; `decode.text.lm_head.*`; the bias, if any, is the main set's). With tied embeddings
 the main set has no lm_head tensor (the engine reads the embedding) and the decode set has its own
-quantized copy of it. The engine runs single-token steps on the decode set, prompt chunks (and the last
-row of a prefill through the LM head) on the main set.
+quantized copy of it. The engine runs single-token steps on the decode set and prompt chunks on the main
+set; the LM head, which computes one row per step (a decode step or the last row of a prefill), is the
+decode set's for both, so the file holds no float copy of it then (older files did; the engine ignores it).
 
 Weight sets (`precision` presets; `prefill` / `decode` override them):
 - fp32:       float weights everywhere, no decode set.
@@ -248,6 +249,8 @@ def build_weight_sets(loaded, prefill: str, decode: str | None, group_size: int 
     main.config.validate()
     cfg_dict = main.config.to_dict()
     tensors = {k: v.detach().cpu().numpy() for k, v in state_dict_for_saving(main).items()}
+    if HEAD in decode_layers:  # the engine runs the decode set's head for every step: no float copy
+        tensors.pop(f"{HEAD}.weight", None)
     tensors.update(decode_tensors)
     return {"config": cfg_dict, "tensors": tensors, "decode_layers": decode_layers, "compressed": compressed}
 
@@ -587,6 +590,11 @@ def reference_model(path, act_quant: bool = True):
             restore(model, cfg.extras[key])
     main = {k: torch.from_numpy(v.astype(np.float32) if v.dtype == np.float16 and not k.endswith(".scales") else v)
             for k, v in tensors.items() if not k.startswith(DECODE_PREFIX)}
+    if HEAD in dlayers and not cfg.text.tie_word_embeddings:
+        # the engine runs the decode set's head on every step; the file has no float copy (older files
+        # do: it is ignored, as the engine ignores it)
+        w = model.text.lm_head.weight
+        main[f"{HEAD}.weight"] = torch.zeros((), dtype=w.dtype).expand(w.shape)
     load_state(model, main, str(path))
     from edgemm.compress.modules import QuantLinear
 
@@ -607,16 +615,10 @@ def reference_model(path, act_quant: bool = True):
             sd["bias"] = main_mod.bias.detach().clone()
         dec.load_state_dict(sd, strict=True)
         set_module(model, layer, pd_cls(main_mod, act(dec)))
-    if HEAD in dlayers:  # the head picks its set by the step's token count (see PrefillDecodeLinear)
-        model.text.register_forward_pre_hook(_count_step_tokens, with_kwargs=True)
+    if HEAD in dlayers:  # one head, the decode set's, for prompt and decode steps alike (as the engine)
+        model.text.lm_head = model.text.lm_head.decode
     model.eval()
     return LoadedModel(model, processor, f"native-reference:{path}", Path(path).parent)
-
-
-def _count_step_tokens(text, args, kwargs):
-    """Forward pre-hook of the reference's text decoder: tell the LM head how many tokens this step has."""
-    x = args[0] if args else kwargs["inputs_embeds"]
-    text.lm_head.step_tokens = int(x.shape[1])
 
 
 def model_path(path) -> Path:
@@ -658,21 +660,15 @@ def _modules():
     from torch import nn
 
     class PrefillDecodeLinear(nn.Module):
-        """Runs `prefill` on inputs of several tokens and `decode` on one-token inputs ([B, 1, K]).
-
-        `step_tokens`, when set, is the number of tokens of the current step instead: the LM head sees one
-        row per sequence in a prefill too (generation keeps the last position's logits only), and the
-        engine runs the main head there; reference_model sets it from the text decoder's input."""
+        """Runs `prefill` on inputs of several tokens and `decode` on one-token inputs ([B, 1, K])."""
 
         def __init__(self, prefill, decode):
             super().__init__()
             self.prefill, self.decode = prefill, decode
             self.in_features, self.out_features = prefill.in_features, prefill.out_features
-            self.step_tokens = None
 
         def forward(self, x):
-            t = self.step_tokens if self.step_tokens is not None else (x.shape[-2] if x.dim() >= 2 else 0)
-            return (self.decode if t == 1 else self.prefill)(x)
+            return (self.decode if x.dim() >= 2 and x.shape[-2] == 1 else self.prefill)(x)
 
     class WoqActLinear(nn.Module):
         """A weight-only layer (QuantLinear) fed activations quantized as the engine's weight-only kernels

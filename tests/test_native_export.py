@@ -87,11 +87,11 @@ def test_every_tensor_round_trips_with_contract_dtypes(bundles, tiny, preset):
     ref = nx.reference_model(bundles[preset])
     sd = {k.replace(".inner.", "."): v for k, v in state_dict_for_saving(ref.model).items()}
     got = {t.name: t for t in r.tensors}
-    expect = {}
-    for k, v in sd.items():
-        if ".decode." not in k:
-            expect[k.replace(".prefill.", ".")] = v
-    dec = {k.replace(".decode.", ".", 1): v for k, v in sd.items() if ".decode." in k}
+    # the reference's LM head is the decode set's (no float copy in the file) when there is a decode set
+    head_dec = preset != "fp32"
+    is_dec = lambda k: ".decode." in k or (head_dec and k.startswith("text.lm_head."))  # noqa: E731
+    expect = {k.replace(".prefill.", "."): v for k, v in sd.items() if not is_dec(k)}
+    dec = {k.replace(".decode.", ".", 1): v for k, v in sd.items() if is_dec(k)}
     names = {k for k in expect if not (k.endswith("outlier_channels") and expect[k].numel() == 0)}
     assert set(got) == names | {"decode." + k for k in dec}
     types = {}
@@ -114,8 +114,9 @@ def test_every_tensor_round_trips_with_contract_dtypes(bundles, tiny, preset):
         assert types["input_scale"] == {"F32"}
     # the float weights equal the source model's exactly
     src = state_dict_for_saving(tiny.model)
-    for name in ("text.embed_tokens.weight", "vision.layers.0.mlp.fc1.weight", "text.lm_head.weight"):
+    for name in ("text.embed_tokens.weight", "vision.layers.0.mlp.fc1.weight") + (("text.lm_head.weight",) if not head_dec else ()):
         assert np.array_equal(as_numpy(got[name]), src[name].numpy())
+    assert ("text.lm_head.weight" in got) == (not head_dec)
 
 
 def test_int4_decode_set_is_the_rtn_of_the_float_weights(bundles, tiny):
@@ -134,8 +135,8 @@ def test_int4_decode_set_is_the_rtn_of_the_float_weights(bundles, tiny):
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("preset", ["w8a8-int4", "int8"])
 def test_decode_set_holds_the_lm_head(demo_tokenizer, tmp_path, preset, tied):
-    """Single-token steps read a quantized LM head: the RTN of the float head (of the embedding when tied) in
-    the decode format. The main set keeps the float head (none when tied: the engine reads the embedding)."""
+    """The LM head is the decode set's only: the RTN of the float head (of the embedding when tied) in the decode
+    format, run on every step (the last row of a prefill too); the main set has no float copy of it."""
     from edgemm.compress.rtn import quantize_linear_rtn
 
     cfg = cfg32(demo_tokenizer)
@@ -158,7 +159,7 @@ def test_decode_set_holds_the_lm_head(demo_tokenizer, tmp_path, preset, tied):
     assert dq["text.lm_head"] == {"format": f"int{bits}", "bits": bits, "group_size": gs, "symmetric": True,
                                   "method": "rtn", "in_features": 64, "out_features": vocab, "bias": False}
     assert len(dq) == 15  # 2 x 7 LLM linears + the head
-    assert ("text.lm_head.weight" in r) == (not tied)
+    assert "text.lm_head.weight" not in r
     q = quantize_linear_rtn(m.text.lm_head, bits, gs, True)
     assert np.array_equal(as_numpy(r["decode.text.lm_head.qweight"]).view(q.qweight.numpy().dtype), q.qweight.numpy())
     assert np.array_equal(as_numpy(r["decode.text.lm_head.scales"]), q.scales.numpy())
@@ -166,19 +167,17 @@ def test_decode_set_holds_the_lm_head(demo_tokenizer, tmp_path, preset, tied):
 
     ref = nx.reference_model(tmp_path / "b").model
     head = ref.text.lm_head
-    assert type(head).__name__ == "PrefillDecodeLinear" and type(head.decode).__name__ == "WoqActLinear"
-    assert torch.equal(head.decode.inner.qweight, q.qweight) and head.decode.block == (32 if bits == 4 else 64)
-    assert (head.prefill.weight is ref.text.embed_tokens.weight) == tied
-    # the head picks its set by the step's token count, not by its input rows: a prefill that keeps the last
-    # position's logits only (generation) runs the main head, as the engine does; a one-token step the decode head
+    assert type(head).__name__ == "WoqActLinear"
+    assert torch.equal(head.inner.qweight, q.qweight) and head.block == (32 if bits == 4 else 64)
+    # the prefill's last row (generation) and a one-token step both run the quantized head
     x = torch.randn(2, 5, 64)
     pos = torch.arange(5).expand(2, 5)
     with torch.no_grad():
         lg, h = ref.text(x, pos, logits_to_keep=1, return_hidden=True)
-        assert h.shape[1] == 1 and torch.equal(lg, head.prefill(h))
+        assert h.shape[1] == 1 and torch.equal(lg, head(h))
         lg1, h1 = ref.text(x[:, :1], pos[:, :1], return_hidden=True)
-        assert torch.equal(lg1, head.decode(h1)) and not torch.equal(lg1, head.prefill(h1))
-        lg_all = ref(torch.tensor([[1, 5, 3, 7, 9]]), torch.randn(1, 3, 32, 32))  # scoring path: every row, main head
+        assert torch.equal(lg1, head(h1))
+        lg_all = ref(torch.tensor([[1, 5, 3, 7, 9]]), torch.randn(1, 3, 32, 32))  # scoring path: every row
         assert lg_all.shape[1] > 1
 
 

@@ -489,8 +489,8 @@ def test_sparse_24_decode_set_runs_sparse_and_matches(tiny, tmp_path, native_lib
 
 @pytest.mark.parametrize("preset", ["w8a8-int4", "int8"])
 def test_tied_lm_head_decode_set_matches_the_reference(demo_tokenizer, tmp_path, native_lib, questions, preset):
-    """Tied embeddings: the main set has no lm_head tensor (the engine's prefill head is the embedding), the
-    decode set its own quantized head; the engine's decode steps agree with the reference's."""
+    """Tied embeddings: the main set has no lm_head tensor, the decode set its own quantized head, which the
+    engine runs on every step; the engine agrees with the reference."""
     ims, qs = questions
     cfg = cfg32(demo_tokenizer)
     cfg.text.tie_word_embeddings = True

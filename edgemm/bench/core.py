@@ -34,7 +34,7 @@ PRECISIONS = {
     "onnxruntime": ("fp32", "int8", "int4"),
     "executorch": ("8da8w", "8da4w", "fp32"),
     "llamacpp": ("q8_0", "q4_0", "f16"),
-    "native": ("w8a8-int4", "int8", "fp32"),
+    "native": ("w8a8-int4", "int8", "fp32", "w8a8-int4-sp24"),
 }
 DEFAULT_PRECISIONS = {"torch": ("fp32", "bf16"), "onnxruntime": ("fp32", "int8", "int4"), "executorch": ("8da8w", "8da4w"),
                       "llamacpp": ("q8_0", "q4_0"), "native": ("w8a8-int4", "int8")}
@@ -374,7 +374,7 @@ def ttft_speedups(results: list[dict]) -> None:
 
 
 def machine_info() -> dict:
-    from .metrics import READ_BANDWIDTH_GBS, VNNI_GMACS_PER_CORE, cpu_flags, int8_gmacs_per_core
+    from .metrics import READ_BANDWIDTH_GBS, cpu_flags, cpu_vendor, int8_gmacs_per_core, vnni_gmacs_per_core
 
     info = {"cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()]}
     try:
@@ -386,6 +386,7 @@ def machine_info() -> dict:
     if fl:
         info["isa"] = [x for x in ("avx2", "avx512f", "avx512_vnni", "amx_int8", "amx_bf16") if x in fl]
     info["int8_peak_gmacs_per_core"] = int8_gmacs_per_core(fl)
-    info["vnni_peak_gmacs_per_core"] = VNNI_GMACS_PER_CORE
+    info["vnni_peak_gmacs_per_core"] = vnni_gmacs_per_core()
+    info["cpu_vendor"] = cpu_vendor()
     info["read_bandwidth_gbs"] = READ_BANDWIDTH_GBS
     return info

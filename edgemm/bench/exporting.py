@@ -17,6 +17,7 @@ from .worker import peak_rss_mb
 # the "NPU lane", as mllm-NPU-style deployments do): the peers' int8 exports quantize theirs too
 # (onnxruntime quantize_dynamic, ExecuTorch 8da8w); llama.cpp's mmproj stays F16.
 EXPORT_OPTIONS = {"native": {"calib_n": 8, "vision": "w8a8"}}
+SPARSE_SUFFIX = "-sp24"  # native w8a8-int4-sp24: the model is 2:4-pruned before the w8a8-int4 export
 
 
 def export_job(job: dict) -> dict:
@@ -39,11 +40,22 @@ def export_job(job: dict) -> dict:
     build_s = time.perf_counter() - t0
     rt, prec = job["runtime"], job["precision"]
     fmt = {"onnxruntime": "onnx", "executorch": "executorch", "llamacpp": "gguf", "native": "native"}[rt]
+    res = {}
+    if rt == "native" and prec.endswith(SPARSE_SUFFIX):
+        # 2:4 (magnitude) on every LLM linear (the LM head stays dense, as every 2:4 method leaves it): the
+        # engine's decode set then runs the sparse int4 GEMV, the W8A8 prefill set keeps the zeros densely
+        from edgemm.compress import apply
+        from edgemm.compress.config import MagnitudeConfig
+
+        t2 = time.perf_counter()
+        apply(loaded.model, MagnitudeConfig(pattern="2:4", include=["text.layers.*"]))
+        res["sparsify_s"] = round(time.perf_counter() - t2, 2)
+        prec = prec[: -len(SPARSE_SUFFIX)]
     opts = {"precision": prec, **EXPORT_OPTIONS.get(rt, {})}
     t1 = time.perf_counter()
     export(loaded, fmt, out / "bundle", **opts)
     export_s = time.perf_counter() - t1
-    res = {"build_s": round(build_s, 2), "export_s": round(export_s, 2), "export_options": opts}
+    res.update(build_s=round(build_s, 2), export_s=round(export_s, 2), export_options=opts)
     vt = job.get("token_compression")
     if vt and rt in ("onnxruntime", "executorch"):
         t2 = time.perf_counter()

@@ -216,7 +216,7 @@ struct Model {
   EmbedTable embed;  // [V, D], in the mapping
   std::vector<TextBlock> blocks;
   FloatSpan norm_w;
-  Linear lm_head, d_lm_head;
+  Linear lm_head;  // the decode set's when there is one (forward_embeds: one row per step)
   kernels::RopeTable rope;
   // threads
   std::unique_ptr<ThreadPool> pool;                // everything when npu_lane == 0

@@ -322,7 +322,7 @@ void Session::forward_embeds(const float* x_in, int64_t T, std::vector<float>* l
     }
   }
   ThreadPool* pool = m->pool.get();
-  const Linear& head = (decode && m->d_lm_head.valid()) ? m->d_lm_head : m->lm_head;
+  const Linear& head = m->lm_head;
   if (debug) {
     std::vector<float> hn(static_cast<size_t>(T * D)), lg(size_t(T * V));
     check_kernel(kernels::rmsnorm(x.data(), D, m->norm_w.data(), hn.data(), D, T, D, t.eps, pool), "rmsnorm");

@@ -895,7 +895,15 @@ std::unique_ptr<Model> load_model(const std::string& path_in, const edgemm_load_
     group({p + "mlp.down_proj"}, {Dt}, I, &b.d_down);
   }
   m->norm_w = L.floats("text.norm.weight", {Dt});
-  if (tc.tie && !L.has("text.lm_head.weight") && !cfg.quant.count("text.lm_head")) {
+  if (cfg.decode_quant.count("text.lm_head")) {
+    // One LM head: with a decode set it is the decode set's. The head only ever computes one row per
+    // generation step (a decode step, or the last row of a prefill), a GEMV, so it runs the weight-only
+    // GEMV whatever the step; a main-set head, which older exporters also wrote, is never run (accepted
+    // unvalidated, not mapped into the resident set).
+    pack(f, load_canon(L, cfg, "text.lm_head", "decode.", cfg.decode_quant, tc.vocab, Dt, false), &m->lm_head, pool);
+    for (const auto& t : f.tensors())
+      if (t.name.rfind("text.lm_head.", 0) == 0) L.used.insert(t.name);
+  } else if (tc.tie && !L.has("text.lm_head.weight") && !cfg.quant.count("text.lm_head")) {
     Canon c;
     c.kind = "f32";
     c.name = "text.lm_head (tied)";
@@ -906,8 +914,6 @@ std::unique_ptr<Model> load_model(const std::string& path_in, const edgemm_load_
   } else {
     pack(f, load_canon(L, cfg, "text.lm_head", "", cfg.quant, tc.vocab, Dt, false), &m->lm_head, pool);
   }
-  if (cfg.decode_quant.count("text.lm_head"))
-    pack(f, load_canon(L, cfg, "text.lm_head", "decode.", cfg.decode_quant, tc.vocab, Dt, false), &m->d_lm_head, pool);
   for (const auto& t : f.tensors())
     if (!L.used.count(t.name))
       fail(EDGEMM_ERR_FORMAT, "unexpected tensor '" + t.name + "' (not implied by the config / decode_quantization)");
@@ -920,7 +926,7 @@ std::unique_ptr<Model> load_model(const std::string& path_in, const edgemm_load_
       for (const Linear& p : l.parts) lin(p);
     };
     for (const FloatSpan* s : {&m->cls, &m->pos_embed, &m->pre_ln_w, &m->pre_ln_b, &m->norm_w}) span(*s);
-    for (const Linear* l : {&m->patch_embed, &m->proj1, &m->proj2, &m->lm_head, &m->d_lm_head}) lin(*l);
+    for (const Linear* l : {&m->patch_embed, &m->proj1, &m->proj2, &m->lm_head}) lin(*l);
     for (const VitBlock& b : m->vit) {
       for (const FloatSpan* s : {&b.ln1_w, &b.ln1_b, &b.ln2_w, &b.ln2_b}) span(*s);
       for (const Linear* l : {&b.qkv, &b.out, &b.fc1, &b.fc2}) lin(*l);
@@ -1030,7 +1036,7 @@ std::string Model::info_json() const {
   add("decode_weights", json::quote(decode_desc));
   add("vision_weights", json::quote(vit.empty() ? patch_embed.desc : vit[0].fc1.desc));
   add("lm_head", json::quote(lm_head.desc));
-  int64_t bytes = patch_embed.bytes + proj1.bytes + proj2.bytes + lm_head.bytes + d_lm_head.bytes;
+  int64_t bytes = patch_embed.bytes + proj1.bytes + proj2.bytes + lm_head.bytes;
   for (auto& b : vit) bytes += b.qkv.bytes + b.out.bytes + b.fc1.bytes + b.fc2.bytes;
   for (auto& b : blocks)
     bytes += b.qkv.bytes + b.o.bytes + b.gate_up.bytes + b.down.bytes + b.d_qkv.bytes + b.d_o.bytes + b.d_gate_up.bytes +
