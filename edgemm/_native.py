@@ -284,7 +284,7 @@ class Model(_Handle):
 
     def __init__(self, path, n_threads: int = 0, npu_lane: bool = False, chunk_size: int = 0, max_context: int = 0,
                  attention: str = "auto"):
-        """attention: "auto" (bf16 in the parts with quantized linears, on CPUs with AMX-BF16), "fp32" or
+        """attention: "auto" (bf16 in the parts with quantized linears, on CPUs with AVX512-BF16), "fp32" or
         "bf16" (the ViT's and the prefill's attention; see edgemm_load_options in edgemm.h)."""
         lib = library()
         p = Path(path)

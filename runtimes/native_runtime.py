@@ -137,7 +137,7 @@ def open_bundle(path, manifest: dict, threads: int | None = None, **options) -> 
     threads, in order; True: the two-lane prefill, W8A8 GEMMs on the NPU-lane backend beside the CPU
     lane; with the CPU int8 backend both lanes share the same cores, which measured slower, docs/native.md),
     chunk_size / max_context (default: the file's), preprocess ("python" or "engine"), attention ("auto":
-    bf16 attention in the ViT / decoder when its linears are quantized and the CPU has AMX-BF16, "fp32",
+    bf16 attention in the ViT / decoder when its linears are quantized and the CPU has AVX512-BF16 (AMX-BF16 tiles or vdpbf16ps), "fp32",
     "bf16")."""
     unknown = set(options) - set(OPTIONS)
     if unknown:

@@ -594,7 +594,7 @@ void bench_attention() {
     for (int64_t i = 0; i < s.n_q; ++i) pairs += s.causal ? double(std::min(n_kv, s.q_pos0 + i + 1)) : double(n_kv);
     const double flops = 4.0 * pairs * s.H * D;
     const double kv_bytes = 2.0 * s.Hkv * n_kv * D * 4;
-    // fp32, and bf16 tiles where the CPU has AMX-BF16 (AttentionArgs::allow_bf16; decode stays fp32)
+    // fp32, and bf16 where the CPU has AVX512-BF16 (AMX tiles or vdpbf16ps) (AttentionArgs::allow_bf16; decode stays fp32)
     for (bool bf16 : {false, true}) {
       if (bf16 && !attention_bf16_available()) continue;
       a.allow_bf16 = bf16;

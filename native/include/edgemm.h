@@ -69,7 +69,8 @@ typedef struct {
                           layers are quantized, fp32 in a part with fp32 linears;
                           EDGEMM_ATTENTION_FP32: fp32 everywhere; EDGEMM_ATTENTION_BF16: bf16 everywhere.
                           bf16 means bf16 Q, K, V and probabilities with fp32 scores, softmax and
-                          accumulation, on CPUs with AMX-BF16 only (elsewhere attention stays fp32). */
+                          accumulation, on CPUs with AVX512-BF16 only (AMX-BF16 tiles, else vdpbf16ps;
+                          elsewhere attention stays fp32). */
 } edgemm_load_options;
 #define EDGEMM_ATTENTION_AUTO 0
 #define EDGEMM_ATTENTION_FP32 1

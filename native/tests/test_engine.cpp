@@ -406,7 +406,7 @@ static void test_end_to_end() {
     edgemm_model* m1 = load(path, 0, 1, 0, EDGEMM_ATTENTION_FP32);
     edgemm_model* m2 = load(path, 1, 3, 0, EDGEMM_ATTENTION_FP32);
     edgemm_model* m3 = load(path, 1, 64, 0, EDGEMM_ATTENTION_FP32);
-    edgemm_model* m4 = load(path, 0, 64);  // auto: bf16 attention for a quantized model on AMX-BF16 CPUs
+    edgemm_model* m4 = load(path, 0, 64);  // auto: bf16 attention for a quantized model on AVX512-BF16 CPUs
     CHECK(m0 && m1 && m2 && m3 && m4);
     if (m0 && m1 && m2 && m3 && m4) {
       double d1 = maxdiff(a, logits_of(m1, pr, true)), d2 = maxdiff(a, logits_of(m2, pr, true)),

@@ -675,7 +675,7 @@ void test_attention() {
 
 // BF16 attention (allow_bf16): against a scalar emulation of its contract (q*scale, K and V rounded to
 // bf16 (nearest even); exact softmax; probabilities rounded to bf16 for P V, normalized by the fp32 sum),
-// and close to fp32 attention. ISAs without AMX-BF16 must give the fp32 results.
+// and close to fp32 attention. ISAs without a bf16 path (scalar, AVX2; CPUs without AVX512-BF16) must give the fp32 results.
 float bf16_round(float x) {
   uint32_t u;
   std::memcpy(&u, &x, 4);
@@ -744,7 +744,7 @@ void test_attention_bf16() {
       }
     }
   });
-  if (!ran_bf16) std::printf("attn_bf16: this CPU has no AMX-BF16: only the fp32 fallback was checked\n");
+  if (!ran_bf16) std::printf("attn_bf16: this CPU has no AVX512-BF16: only the fp32 fallback was checked\n");
 }
 
 // ---------------------------------------------------------------------------------------------------

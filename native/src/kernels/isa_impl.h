@@ -88,7 +88,7 @@ using RopeRowFn = void (*)(float* x, int64_t n_heads, int64_t head_dim, int64_t 
 // Attention for one task: kv head `kvh`, query rows [i0, i1) of every q-head of the group.
 using AttnTaskFn = void (*)(const AttentionArgs&, int64_t kvh, int64_t i0, int64_t i1);
 // BF16 attention (AttentionArgs::allow_bf16): keys [0, T) of kv head `kvh` packed into `kp`/`vp`
-// (each kAttnBf16Pad-rounded T x head_dim bf16, layouts in x86_amx.cpp), then tasks as AttnTaskFn
+// (each kAttnBf16Pad-rounded T x head_dim bf16, layouts in x86_amx.cpp / x86_avx512_bf16.cpp), then tasks as AttnTaskFn
 // reading the packed head.
 constexpr int64_t kAttnBf16Pad = 32;
 inline int64_t attn_bf16_padded(int64_t T) { return (T + kAttnBf16Pad - 1) / kAttnBf16Pad * kAttnBf16Pad; }
@@ -118,7 +118,7 @@ struct KernelTable {
   SwigluFn swiglu;
   RopeRowFn rope_row;
   AttnTaskFn attn_task;
-  AttnBf16PackFn attn_bf16_pack = nullptr;  // both set only where the CPU has AMX-BF16 and AVX512-BF16
+  AttnBf16PackFn attn_bf16_pack = nullptr;  // both set only where the CPU has AVX512-BF16 (AMX-BF16 tiles or vdpbf16ps)
   AttnBf16TaskFn attn_bf16_task = nullptr;
 };
 

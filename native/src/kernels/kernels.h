@@ -266,12 +266,12 @@ struct AttentionArgs {
   int64_t n_heads = 0, n_kv_heads = 0, head_dim = 0;
   bool causal = true;
   float scale = 0.f;
-  // Permits bf16 Q, K, V and probabilities (fp32 accumulation, scores and softmax) on CPUs with AMX-BF16,
+  // Permits bf16 Q, K, V and probabilities (fp32 accumulation, scores and softmax) on CPUs with AVX512-BF16 (AMX-BF16 tiles, else vdpbf16ps),
   // for calls with at least 16 query rows per kv head and head_dim a multiple of 32; fp32 otherwise.
   bool allow_bf16 = false;
 };
 Status attention(const AttentionArgs& args, ThreadPool* pool);
-// True when attention() can take the bf16 path on this CPU (active ISA has AMX-BF16).
+// True when attention() can take the bf16 path on this CPU (the CPU has AVX512-BF16: AMX-BF16 or vdpbf16ps kernels).
 bool attention_bf16_available();
 
 // ---------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 // cpuid reports those features. The 2:4 sparse kernels (which need VBMI) are in x86_avx512_vbmi.cpp.
 #include <immintrin.h>
 
+#include "cpu_features.h"
 #include "portable.h"
 #include "x86_avx512_common.h"
 
@@ -499,9 +500,6 @@ void softmax_row(float* x, int64_t n) {
 
 }  // namespace
 
-// Defined in x86_avx512_attn.cpp-like section below (same TU).
-void avx512_attn_task(const AttentionArgs& a, int64_t kvh, int64_t i0, int64_t i1);
-
 const KernelTable* table_avx512() {
   static const KernelTable t = [] {
     KernelTable k = portable_table(Isa::kAvx512Vnni);
@@ -523,6 +521,12 @@ const KernelTable* table_avx512() {
     k.gelu_erf = gelu_erf_n;
     k.softmax_row = softmax_row;
     k.attn_task = avx512_attn_task;
+#if defined(EDGEMM_HAVE_AVX512BF16)
+    if (cpu_features().avx512bf16) {  // the AMX table replaces these where the CPU has AMX-BF16
+      k.attn_bf16_pack = avx512bf16_attn_pack;
+      k.attn_bf16_task = avx512bf16_attn_task;
+    }
+#endif
     return k;
   }();
   return &t;

@@ -16,6 +16,13 @@ namespace edgemm {
 namespace kernels {
 namespace impl {
 
+// Defined in x86_avx512_attn.cpp: the fp32 attention task.
+void avx512_attn_task(const AttentionArgs& a, int64_t kvh, int64_t i0, int64_t i1);
+// Defined in x86_avx512_bf16.cpp (compiled when the compiler has -mavx512bf16: EDGEMM_HAVE_AVX512BF16):
+// bf16 attention with vdpbf16ps, for AVX512_BF16 CPUs without AMX-BF16.
+void avx512bf16_attn_pack(const AttentionArgs& a, int64_t kvh, int64_t T, uint16_t* kp, uint16_t* vp);
+void avx512bf16_attn_task(const AttentionArgs& a, const uint16_t* kp, const uint16_t* vp, int64_t kvh, int64_t i0,
+                          int64_t i1);
 // Defined in x86_avx512_vbmi.cpp.
 bool avx512_vbmi_supported();
 void avx512vbmi_woq_int4_sparse(const WoqGemmArgs& g, int64_t b0, int64_t b1);
