@@ -26,6 +26,7 @@ from pathlib import Path
 from edgemm import __version__
 from edgemm.errors import EdgemmError
 
+from .metrics import ttft_work_ratio
 from .presets import APPROXIMATIONS, PRESETS, describe, preset_config
 
 RUNTIMES = ("torch", "onnxruntime", "executorch", "llamacpp", "native")
@@ -242,12 +243,15 @@ class Bench:
                     return {**base, "status": "error", "reason": f"export failed: {exp['error']}", "text_layers": layers}
                 exports.append({k: exp.get(k) for k in ("export_s", "build_s", "pruned_export_s", "export_peak_rss_mb", "cached",
                                                         "export_options") if k in exp})
-                if exp.get("decode_weight_bytes"):
-                    wbytes.append(exp["decode_weight_bytes"])
             self.log(f"measuring {runtime} {precision}" + (f" ({layers} text layers)" if layers else "") + " ...")
             r = self._run(runtime, precision, layers, exp)
             if "error" in r:
                 return {**base, "status": "error", "reason": r["error"], "text_layers": layers}
+            # the bytes a decode step reads: the engine's own count of its packed weights where the runner
+            # reports one (2:4 layers at their packed size), else the export's file tensors
+            b = r.get("decode_weight_bytes") or (exp or {}).get("decode_weight_bytes")
+            if b:
+                wbytes.append(b)
             runs.append(r)
         out = {**base, "status": "ok"}
         if exports:
@@ -271,6 +275,11 @@ class Bench:
         if len(wbytes) == len(layer_sets):
             wb = wbytes[0] if len(wbytes) == 1 else _lin(wbytes[0], wbytes[1], layer_sets[0], layer_sets[1], self.cfg.text.num_layers)
         out.update(fractions(out, cfg, self.threads, runtime, precision, weight_bytes=wb))
+        tt = out.get("ttft") or {}
+        if all((tt.get(k) or {}).get("prompt_tokens") for k in ("full", "pruned")):  # runners that report them
+            full, pruned = tt["full"], tt["pruned"]
+            out["ttft_work_ratio"] = round(ttft_work_ratio(cfg, full["prompt_tokens"] - full["visual_tokens"],
+                                                           full["visual_tokens"], pruned["visual_tokens"]), 3)
         return out
 
 
@@ -294,7 +303,12 @@ def extrapolate(runs: list[dict], layers: list[int], target: int) -> dict:
     out["decode_tok_s"] = round(1 / td, 2)
     out["decode_context_avg"] = a["decode_context_avg"]
     if "ttft_ms" in a:
-        out["ttft_ms"] = {k: round(_lin(a["ttft_ms"][k], b["ttft_ms"][k], l1, l2, target), 2) for k in a["ttft_ms"]}
+        out["ttft_ms"] = {}
+        for k in a["ttft_ms"]:
+            try:
+                out["ttft_ms"][k] = round(_lin(a["ttft_ms"][k], b["ttft_ms"][k], l1, l2, target), 2)
+            except EdgemmError as e:  # one noisy TTFT (the pruned one's text part is small) drops that figure only
+                out.setdefault("unscaled", {})[f"ttft_ms.{k}"] = str(e)
         # the vision side does not depend on the text depth: the mean of the two runs
         out["image_encode_ms"] = round((a["image_encode_ms"] + b["image_encode_ms"]) / 2, 2)
         out["ttft"] = {k: {"visual_tokens": a["ttft"][k]["visual_tokens"]} for k in a["ttft"]}

@@ -277,12 +277,17 @@ class NativeRunner(Runner):
     def has_pruned(self):
         return self.pruned is not None
 
+    def decode_weight_bytes(self) -> int:
+        """The engine's count of the packed weights one decode step reads (2:4 layers at their packed size)."""
+        return int(self.full.model.info()["decode_weight_bytes"])
+
     def ttft(self, image, pruned):
         sess = self.pruned if pruned else self.full
         sess.generate(image, QUESTION, max_new_tokens=1)
         s = sess.stats
         k = s.get("visual_tokens") or (sess.manifest.get("num_visual_tokens") or self.config.num_visual_tokens)
-        return {"image_encode_ms": s["image_encode_ms"], "ttft_ms": s["ttft_ms"], "visual_tokens": int(k)}
+        return {"image_encode_ms": s["image_encode_ms"], "ttft_ms": s["ttft_ms"], "visual_tokens": int(k),
+                "prompt_tokens": int(s["prefill_tokens"])}
 
 
 RUNNERS = {"torch": TorchRunner, "onnxruntime": OnnxRunner, "executorch": ExecuTorchRunner, "llamacpp": LlamaCppRunner,
@@ -348,9 +353,13 @@ def measure(job: dict) -> dict:
                        "image_encode_ms": round(median([x["image_encode_ms"] for x in runs]), 2),
                        "visual_tokens": runs[0]["visual_tokens"],
                        "runs_ttft_ms": [round(x["ttft_ms"], 2) for x in runs]}
+            if runs[0].get("prompt_tokens"):
+                tt[key]["prompt_tokens"] = runs[0]["prompt_tokens"]
         res["ttft"] = tt
         res["image_encode_ms"] = tt["full"]["image_encode_ms"]
         res["ttft_ms"] = {k: v["ttft_ms"] for k, v in tt.items()}
+    if hasattr(runner, "decode_weight_bytes"):
+        res["decode_weight_bytes"] = runner.decode_weight_bytes()
     res["peak_rss_mb"] = peak_rss_mb()
     # how much of its threads' time the process actually got: near 1 on a quiet machine; far below 1 means
     # the machine was shared and every rate above is proportionally low

@@ -1042,6 +1042,9 @@ std::string Model::info_json() const {
     bytes += b.qkv.bytes + b.o.bytes + b.gate_up.bytes + b.down.bytes + b.d_qkv.bytes + b.d_o.bytes + b.d_gate_up.bytes +
              b.d_down.bytes;
   add("packed_weight_bytes", std::to_string(bytes));
+  int64_t step = lm_head.bytes;  // what one decode step reads: each layer's decode set (else main), the head
+  for (auto& b : blocks) step += b.dec_qkv().bytes + b.dec_o().bytes + b.dec_gate_up().bytes + b.dec_down().bytes;
+  add("decode_weight_bytes", std::to_string(step));
   add("mapped_weight_bytes", std::to_string(mapped_bytes));
   const json::Value* ex = cfg.raw.get("extras");
   const json::Value* vt = ex ? ex->get("visual_tokens") : nullptr;
