@@ -255,6 +255,31 @@ def test_selection_methods_feed_the_projected_kept_features():
         assert f.token_index.tolist() == divprune.select(m.projector(feats), 5).tolist()
 
 
+def test_fastervlm_early_selects_inside_the_vit():
+    """early=true: block `layer`'s [CLS] attention picks the patches, the later blocks see [CLS] + the kept
+    patches only; at the feature block it is plain fastervlm."""
+    m = random_model(seed=2)
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        h0, attns = m.vision(px, num_layers=1, attn_layers=(0,))
+        idx = base.keep_top(attns[0].float().mean(1), 5)
+        x = torch.cat([h0[:, :1], base.gather_tokens(h0[:, 1:], idx)], dim=1)
+        x, _ = m.vision.layers[1](x)
+        set_visual_tokens(m, "fastervlm:5:layer=0,early=true")
+        f = m.encode_image(px)
+        assert f.token_index.tolist() == idx.tolist()
+        assert torch.allclose(f.embeds, m.projector(x[:, 1:]), atol=1e-6)
+        late = m.vision_features(px)[0]  # the post-ViT selection of the same patches differs: they saw every patch
+        assert not torch.allclose(f.embeds, m.projector(base.gather_tokens(late, idx)), atol=1e-4)
+        set_visual_tokens(m, "fastervlm:5:early=true")  # default layer = the feature block: nothing to drop early
+        a = m.encode_image(px)
+        set_visual_tokens(m, "fastervlm:5")
+        b = m.encode_image(px)
+        assert torch.equal(a.embeds, b.embeds) and torch.equal(a.token_index, b.token_index)
+    with pytest.raises(EdgemmError, match="true or false"):
+        parse("fastervlm:0.25:early=2")
+
+
 def test_cls_token_is_protected_when_fed():
     m = random_model(tiny_config(vision_feature_select="full"), seed=3)
     px = torch.randn(2, 3, 32, 32)

@@ -67,11 +67,20 @@ def print_table(report: dict, console) -> None:
     for x in rows(report):
         t.add_row(*_cells(x))
     console.print(t)
-    for r in report["results"]:
-        if r.get("note"):
-            console.print(f"note: {r['runtime']} {r['precision']}: {r['note']}")
+    for note in _notes(report):
+        console.print(f"note: {note}")
     console.print(f"shapes: {report['shapes']['text']}; {report['shapes']['vision']}")
     console.print(f"load average at the start: {report['machine']['loadavg']} ({report['machine']['cpus']} CPUs)")
+
+
+def _notes(report: dict) -> list[str]:
+    out = []
+    for r in report["results"]:
+        if r.get("note"):
+            out.append(f"{r['runtime']} {r['precision']}: {r['note']}")
+        for k, why in (r.get("unscaled") or {}).items():
+            out.append(f"{r['runtime']} {r['precision']}: {k} not extrapolated ({why})")
+    return out
 
 
 def markdown(report: dict) -> str:
@@ -79,7 +88,7 @@ def markdown(report: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for x in rows(report):
         lines.append("| " + " | ".join(_cells(x)) + " |")
-    notes = [f"- {r['runtime']} {r['precision']}: {r['note']}" for r in report["results"] if r.get("note")]
+    notes = [f"- {n}" for n in _notes(report)]
     return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 

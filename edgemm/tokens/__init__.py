@@ -27,8 +27,9 @@ EXTRAS_KEY = "visual_tokens"
 
 # name -> (one-line description, default options). Options are validated by type against the defaults.
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "fastervlm": ("[CLS]->patch attention of the feature block, mean over heads, top-k, raster order kept",
-                  {"layer": None}),
+    "fastervlm": ("[CLS]->patch attention of the feature block, mean over heads, top-k, raster order kept "
+                  "(early=true with an earlier layer: the later ViT blocks run on the kept tokens only)",
+                  {"layer": None, "early": False}),
     "vtccls": ("VTC-CLS: [CLS]->patch attention (head mean) summed over ViT blocks start..end, top-k, raster order",
                {"start": 0, "end": None}),
     "divprune": ("DivPrune: greedy max-min cosine diversity on the projected tokens, original order kept", {}),
@@ -275,6 +276,8 @@ def _parse_scalar(v: str):
             pass
     if v.lower() in ("none", "null"):
         return None
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
     return v
 
 
@@ -287,6 +290,10 @@ def _check_option(method: str, k: str, v):
             raise EdgemmError(f"visual_tokens: {method} option {k} must be an integer, got {v!r}")
         if k == "seed" and v < 0:
             raise EdgemmError("visual_tokens: random seed must be >= 0")
+        return v
+    if isinstance(default, bool):
+        if not isinstance(v, bool):
+            raise EdgemmError(f"visual_tokens: {method} option {k} must be true or false, got {v!r}")
         return v
     if isinstance(default, float):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:

@@ -32,11 +32,14 @@ def compress_image(model, pixel_values: torch.Tensor, setting, attn_layers=()):
     mod = method_module(s.method)
     need = set(mod.blocks(cfg, s))
     want = {(i + cfg.vision.num_layers) if i < 0 else i for i in attn_layers}
-    h, attns = model.vision(pixel_values, num_layers=cfg.feature_layer_index, attn_layers=tuple(sorted(need | want)))
     full = cfg.vision_feature_select == "full"
+    k = s.visual_tokens(cfg) - (1 if full else 0)
+    early = mod.early_block(cfg, s) if hasattr(mod, "early_block") and k < cfg.vision.num_patches else None
+    if early is not None:
+        return _early(model, pixel_values, s, mod, early, k, want, full)
+    h, attns = model.vision(pixel_values, num_layers=cfg.feature_layer_index, attn_layers=tuple(sorted(need | want)))
     patches = h[:, 1:]
     b, p, _ = patches.shape
-    k = s.visual_tokens(cfg) - (1 if full else 0)
     if k >= p:
         out = Out(torch.arange(p).expand(b, p).clone(), feats=patches)
     else:
@@ -46,6 +49,29 @@ def compress_image(model, pixel_values: torch.Tensor, setting, attn_layers=()):
     if full:
         embeds = torch.cat([model.projector(h[:, :1]), embeds], dim=1)
         index = torch.cat([torch.zeros(b, 1, dtype=torch.long), index + 1], dim=1)
+    return ImageFeatures(embeds, {i: attns[i] for i in sorted(want)}, token_index=index)
+
+
+def _early(model, pixel_values, s, mod, block: int, k: int, want: set, full: bool):
+    """Selection inside the ViT (fastervlm early=true): blocks 0..block on every token, the patches chosen
+    by block `block`'s [CLS] attention, the later blocks on [CLS] + the kept patches only."""
+    from ..errors import EdgemmError
+    from ..models.modeling import ImageFeatures
+    from .base import cls_importance, gather_tokens, keep_top
+
+    cfg = model.config
+    if any(i > block for i in want):
+        raise EdgemmError(f"[CLS] attention after ViT block {block} is not available: the early selection drops patches there")
+    h, attns = model.vision(pixel_values, num_layers=block + 1, attn_layers=tuple(sorted({block} | want)))
+    idx = keep_top(cls_importance(attns, [block]), k)
+    x = torch.cat([h[:, :1], gather_tokens(h[:, 1:], idx)], dim=1)
+    for blk in model.vision.layers[block + 1:cfg.feature_layer_index]:
+        x, _ = blk(x)
+    embeds = model.projector(x[:, 1:])
+    index = idx
+    if full:
+        embeds = torch.cat([model.projector(x[:, :1]), embeds], dim=1)
+        index = torch.cat([torch.zeros(idx.shape[0], 1, dtype=torch.long), idx + 1], dim=1)
     return ImageFeatures(embeds, {i: attns[i] for i in sorted(want)}, token_index=index)
 
 

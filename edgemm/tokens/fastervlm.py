@@ -4,6 +4,11 @@ Score of patch p = mean over heads of the [CLS]->p attention (softmax over [CLS]
 the ViT block that produces the features (vision_feature_layer -2 -> block L-2, the same layer as
 the features; option `layer` overrides). Keep the top k (ties: lower index), raster order kept.
 The score does not depend on the prompt, so the selection can be cached per image.
+
+Option `early` (with `layer` before the feature block): the selection happens inside the ViT, after
+block `layer`; the blocks after it run on the [CLS] token and the kept patches only (in raster order),
+so they cost k/P of their work. The kept tokens' features then no longer see the dropped patches in
+those blocks: a different (cheaper, approximate) computation, evaluated separately (docs/tokens.md).
 """
 
 from __future__ import annotations
@@ -20,3 +25,11 @@ def run(ctx: Ctx) -> Out:
     score = cls_importance(ctx.attns, blocks(ctx.cfg, ctx.setting))
     idx = keep_top(score, ctx.k)
     return Out(idx, feats=gather_tokens(ctx.feats, idx))
+
+
+def early_block(cfg, setting) -> int | None:
+    """The block after which an early selection drops the patches, or None (selection after the ViT)."""
+    if not setting.option("early"):
+        return None
+    b = attention_block(cfg, setting.option("layer"))
+    return b if b < cfg.feature_layer_index - 1 else None

@@ -173,6 +173,7 @@ static std::string tokenizer_json() {
 
 struct ModelOpts {
   bool w8a8 = false;
+  bool decode_head = false;  // with w8a8: an int4 decode-set LM head (the main f32 head stays in the file)
   std::string visual_tokens;  // JSON or ""
   int chunk = 4, max_context = 128;
 };
@@ -218,6 +219,10 @@ static Spec build(const ModelOpts& mo) {
   }
   b.f32("text.norm.weight", {Dt}, 0.1f, 1.f);
   b.linear("text.lm_head", V, Dt, false);
+  if (mo.w8a8 && mo.decode_head) {
+    b.int4("decode.text.lm_head", V, Dt);
+    dquant += ",\"text.lm_head\":{\"format\":\"int4\",\"bits\":4,\"group_size\":32,\"symmetric\":true}";
+  }
   std::string extras = "{";
   if (!quant.empty()) extras += "\"quantization\":{\"format_version\":1,\"layers\":{" + quant + "}}";
   if (!mo.visual_tokens.empty()) extras += std::string(extras.size() > 1 ? "," : "") + "\"visual_tokens\":" + mo.visual_tokens;
@@ -769,6 +774,33 @@ static void test_memory() {
   }
 }
 
+// The LM head of a model with a decode-set head: the decode set's, on the prefill's last row too; a main
+// f32 head in the file (older exporters) is accepted and ignored, the same logits without it.
+static void test_decode_head() {
+  ModelOpts mo;
+  mo.w8a8 = true;
+  const auto plain = logits_of_file("head_f32.gguf", write_gguf(build(mo)));
+  mo.decode_head = true;
+  Spec both = build(mo);
+  const auto with_main = logits_of_file("head_both.gguf", write_gguf(both));
+  for (size_t i = 0; i < both.tensors.size(); ++i)
+    if (both.tensors[i].name == "text.lm_head.weight") both.tensors.erase(both.tensors.begin() + long(i));
+  const auto no_main = logits_of_file("head_dec.gguf", write_gguf(both));
+  CHECK(!with_main.empty() && same_bits(with_main, no_main));
+  CHECK(!same_bits(plain, with_main));  // the decode head ran, not the f32 one
+  edgemm_model* m = load(save("head_dec.gguf", write_gguf(both)));
+  CHECK(m);
+  if (!m) return;
+  std::vector<char> info(1 << 16);
+  size_t need = 0;
+  CHECK(edgemm_model_info_json(m, info.data(), info.size(), &need) == EDGEMM_OK);
+  const std::string js(info.data());
+  CHECK(js.find("\"lm_head\":\"int4") != std::string::npos);
+  const size_t at = js.find("\"decode_weight_bytes\":");
+  CHECK(at != std::string::npos && std::atoll(js.c_str() + at + 22) > 0);
+  edgemm_model_free(m);
+}
+
 int main(int argc, char** argv) {
   char tmpl[] = "/tmp/edgemm_engine_test_XXXXXX";
   char* d = mkdtemp(tmpl);
@@ -789,6 +821,7 @@ int main(int argc, char** argv) {
   if (which == "all" || which == "tokens") test_token_compression();
   if (which == "all" || which == "malformed") test_malformed();
   if (which == "all" || which == "e2e" || which == "memory") test_memory();  // ctest: part of engine.e2e
+  if (which == "all" || which == "e2e" || which == "head") test_decode_head();
   std::string rm = "rm -rf " + g_dir;
   if (std::system(rm.c_str()) != 0) std::fprintf(stderr, "cleanup failed\n");
   if (g_fail) {

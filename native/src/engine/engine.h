@@ -69,6 +69,7 @@ struct TokenSetting {
   int64_t end = 0;
   uint64_t seed = 0;
   double alpha = 1.0;
+  bool early = false;  // fastervlm: select after block `layer` inside the ViT, later blocks on the kept tokens
 };
 struct LayerQuant {
   std::string format;  // "int4" | "int8" | "w8a8"
@@ -271,12 +272,18 @@ struct Session {
 };
 
 // ViT forward up to the feature layer; writes the [CLS]-attention head means of the requested blocks.
+// early >= 0 (fastervlm early=true): after block `early` only [CLS] + the top `k` patches of that block's
+// [CLS] attention go on (their indices in *early_index); *hidden is then [1 + k, Dv].
 void vision_forward(Model& m, Session& s, const float* pixels, std::vector<float>* hidden,
-                    const std::vector<int>& attn_blocks, std::map<int, std::vector<float>>* cls_attn);
+                    const std::vector<int>& attn_blocks, std::map<int, std::vector<float>>* cls_attn,
+                    int early = -1, int64_t k = 0, std::vector<int32_t>* early_index = nullptr);
 // Visual token compression (docs/tokens.md). feats [P, Dv] patch features; returns projected tokens.
 void compress_tokens(Model& m, Session& s, const float* feats, int64_t P, const std::map<int, std::vector<float>>& attn,
                      int64_t k, std::vector<float>* embeds, std::vector<int32_t>* index);
 std::vector<int> token_blocks(const Config& cfg);  // ViT blocks whose [CLS] attention the method needs
+// fastervlm early=true: the block after which the patches are selected inside the ViT, or -1
+int early_block(const Config& cfg, int64_t k);
+std::vector<int32_t> keep_top_k(const std::vector<float>& score, int64_t k);  // ties: lower index; ascending
 void project_tokens(Model& m, Session& s, const float* feats, int64_t n, std::vector<float>* out);
 
 // Two-lane chunked prefill (scheduler.cpp). x [T, D] in/out is the residual stream of the new rows.

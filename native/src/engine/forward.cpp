@@ -71,10 +71,12 @@ void Session::record(const std::string& name, const float* data, std::vector<int
 
 // ------------------------------------------------------------------------------------------ vision
 void vision_forward(Model& m, Session& s, const float* pixels, std::vector<float>* hidden,
-                    const std::vector<int>& attn_blocks, std::map<int, std::vector<float>>* cls_attn) {
+                    const std::vector<int>& attn_blocks, std::map<int, std::vector<float>>* cls_attn, int early,
+                    int64_t k, std::vector<int32_t>* early_index) {
   const VisionCfg& v = m.cfg.v;
   ThreadPool* pool = m.pool.get();
-  const int64_t g = v.grid(), p = v.patch_size, P = v.patches(), S = P + 1, D = v.hidden, C = v.num_channels;
+  const int64_t g = v.grid(), p = v.patch_size, P = v.patches(), D = v.hidden, C = v.num_channels;
+  int64_t S = P + 1;  // tokens in the blocks: 1 + k after an early selection
   const int64_t pin = C * p * p, img = v.image_size;
   std::vector<float> patches(static_cast<size_t>(P * pin));
   for (int64_t gy = 0; gy < g; ++gy)
@@ -154,6 +156,16 @@ void vision_forward(Model& m, Session& s, const float* pixels, std::vector<float
     run_linear(b.fc2, f.data(), S, v.inter, tmp.data(), D, &s.scratch, pool);
     for (int64_t j = 0; j < S * D; ++j) X[size_t(j)] += tmp[size_t(j)];
     s.record("vision.layer." + std::to_string(i), X.data(), {S, D});
+    if (i == early) {  // keep [CLS] + the top-k patches of this block's [CLS] attention, in raster order
+      std::vector<int32_t> idx = keep_top_k(cls_attn->at(i), k);
+      std::vector<float> kept(static_cast<size_t>((k + 1) * D));
+      std::copy(X.begin(), X.begin() + D, kept.begin());
+      for (int64_t r = 0; r < k; ++r)
+        std::copy(X.begin() + (idx[size_t(r)] + 1) * D, X.begin() + (idx[size_t(r)] + 2) * D, kept.begin() + (r + 1) * D);
+      X.swap(kept);
+      S = k + 1;
+      *early_index = std::move(idx);
+    }
   }
 }
 
@@ -176,14 +188,20 @@ void Session::encode_image() {
   std::vector<float> hidden;
   std::map<int, std::vector<float>> attn;
   std::vector<int> blocks = c.tokens.method.empty() ? std::vector<int>() : token_blocks(c);
-  vision_forward(*m, *this, pixels.data(), &hidden, blocks, &attn);
-  const int64_t nfeat = c.select_full ? P + 1 : P;
-  const float* feats = hidden.data() + (c.select_full ? 0 : Dv);
-  record("vision.features", feats, {nfeat, Dv});
   const int64_t total = c.num_visual_tokens();
   const int64_t k = total - (c.select_full ? 1 : 0);
+  const int early = c.tokens.method.empty() ? -1 : early_block(c, k);
+  std::vector<int32_t> early_idx;
+  vision_forward(*m, *this, pixels.data(), &hidden, blocks, &attn, early, k, &early_idx);
+  const int64_t nfeat = (early >= 0 ? k : P) + (c.select_full ? 1 : 0);
+  const float* feats = hidden.data() + (c.select_full ? 0 : Dv);
+  record("vision.features", feats, {nfeat, Dv});
   enc = ImageEncoding();
-  if (c.tokens.method.empty() || k >= P) {
+  if (early >= 0) {  // selected inside the ViT: the features are the kept tokens already
+    project_tokens(*m, *this, feats, nfeat, &enc.embeds);
+    if (c.select_full) enc.index.push_back(0);
+    for (int32_t i : early_idx) enc.index.push_back(i + (c.select_full ? 1 : 0));
+  } else if (c.tokens.method.empty() || k >= P) {
     project_tokens(*m, *this, feats, nfeat, &enc.embeds);
     enc.index.resize(size_t(nfeat));
     for (int64_t i = 0; i < nfeat; ++i) enc.index[size_t(i)] = int32_t(i);

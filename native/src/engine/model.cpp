@@ -141,6 +141,9 @@ void parse_token_setting(const json::Value& d, const Config& cfg, TokenSetting* 
       want_int(false);
       if (v.i < 0) fail(EDGEMM_ERR_FORMAT, "visual_tokens seed must be >= 0");
       s->seed = uint64_t(v.i);
+    } else if (o == "early" && name == "fastervlm") {
+      if (!v.is_bool()) fail(EDGEMM_ERR_FORMAT, "visual_tokens option early must be true or false");
+      s->early = v.b;
     } else if (o == "alpha" && name == "clsdiv") {
       if (!v.is_number() || !(v.num >= 0) || !std::isfinite(v.num)) fail(EDGEMM_ERR_FORMAT, "visual_tokens alpha must be >= 0");
       s->alpha = v.num;

@@ -119,6 +119,15 @@ std::vector<float> cls_score(const Config& c, const std::map<int, std::vector<fl
 
 }  // namespace
 
+std::vector<int32_t> keep_top_k(const std::vector<float>& score, int64_t k) { return keep_top(score, k); }
+
+int early_block(const Config& c, int64_t k) {
+  const TokenSetting& t = c.tokens;
+  if (t.method != "fastervlm" || !t.early || k >= c.v.patches()) return -1;
+  const int b = attention_block(c, t.has_layer, t.layer);
+  return b < c.feature_blocks - 1 ? b : -1;
+}
+
 std::vector<int> token_blocks(const Config& c) {
   const TokenSetting& t = c.tokens;
   if (t.method == "fastervlm" || t.method == "clsdiv" || t.method == "clsmerge")
