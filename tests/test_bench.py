@@ -154,6 +154,10 @@ def test_ttft_work_ratio_bounds_post_vision_pruning():
     r = ttft_work_ratio(cfg, 43, 576, 144)
     assert 2.3 < r < 2.34  # below the 2.5x: the 183 GMAC vision encoder is paid in both
     assert ttft_work_ratio(cfg, 43, 576, 576) == 1.0
+    # selecting inside the encoder after block 14: blocks 15-22 run on 145 tokens
+    late = 8 * (145 * (4 * 1024 ** 2 + 2 * 1024 * 4096) + 2 * 145 ** 2 * 1024)
+    assert vision_macs(cfg, 14, 144) == 576 * 3 * 14 * 14 * 1024 + 15 * blk + late
+    assert 2.6 < ttft_work_ratio(cfg, 43, 576, 144, early_block=14) < 2.65
 
 
 def test_extrapolation_refuses_a_deeper_model_that_is_not_slower():

@@ -154,6 +154,14 @@ class Bench:
         return json.loads(lines[-1][len(MARKER):])
 
     # ------------------------------------------------------------------------------------ exports
+    def _early_block(self, cfg) -> int | None:
+        """The ViT block after which the token compression selects (fastervlm early=true), else None."""
+        if not self.token_compression:
+            return None
+        from edgemm.tokens import early_block, parse
+
+        return early_block(cfg, parse(self.token_compression))
+
     def _entry(self, runtime: str, precision: str, layers: int | None) -> tuple[Path, dict]:
         cfg = preset_config(self.preset, text_layers=layers)
         key = {"config": cfg.to_dict(), "runtime": runtime, "precision": precision, "seed": self.seed,
@@ -279,7 +287,8 @@ class Bench:
         if all((tt.get(k) or {}).get("prompt_tokens") for k in ("full", "pruned")):  # runners that report them
             full, pruned = tt["full"], tt["pruned"]
             out["ttft_work_ratio"] = round(ttft_work_ratio(cfg, full["prompt_tokens"] - full["visual_tokens"],
-                                                           full["visual_tokens"], pruned["visual_tokens"]), 3)
+                                                           full["visual_tokens"], pruned["visual_tokens"],
+                                                           self._early_block(cfg)), 3)
         return out
 
 

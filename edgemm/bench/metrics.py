@@ -54,27 +54,37 @@ def prefill_macs(t, n: int) -> int:
     return n * linear_macs_per_token(t) + attn + t.hidden_size * t.vocab_size
 
 
-def vision_macs(cfg) -> int:
+def vision_macs(cfg, early_block: int | None = None, kept: int | None = None) -> int:
     """MACs of one image through the vision encoder (the blocks that run: up to the feature layer): patch
-    embedding, each block's linears over the [CLS] + patch tokens, and its (non-causal) attention."""
+    embedding, each block's linears over the [CLS] + patch tokens, and its (non-causal) attention. With an
+    early selection (fastervlm early=true) the blocks after `early_block` run on [CLS] + `kept` patches."""
     v = cfg.vision
-    s, d, f = v.num_patches + 1, v.hidden_size, v.intermediate_size
-    per_block = s * (4 * d * d + 2 * d * f) + 2 * s * s * d
-    return v.num_patches * v.num_channels * v.patch_size ** 2 * d + cfg.feature_layer_index * per_block
+    d, f = v.hidden_size, v.intermediate_size
+
+    def block(s):
+        return s * (4 * d * d + 2 * d * f) + 2 * s * s * d
+
+    run, s = cfg.feature_layer_index, v.num_patches + 1
+    late = 0 if early_block is None else run - 1 - early_block
+    return v.num_patches * v.num_channels * v.patch_size ** 2 * d + (run - late) * block(s) + late * block((kept or 0) + 1)
 
 
-def ttft_macs(cfg, text_tokens: int, visual_tokens: int) -> int:
-    """Useful MACs to the first token of an image question: the vision encoder (all of it, whatever the
-    token compression keeps), the projector on the kept tokens, the prefill of text + kept visual tokens."""
+def ttft_macs(cfg, text_tokens: int, visual_tokens: int, early_block: int | None = None) -> int:
+    """Useful MACs to the first token of an image question: the vision encoder (all of it, whatever a
+    post-encoder compression keeps; fewer blocks' worth after an early selection), the projector on the
+    kept tokens, the prefill of text + kept visual tokens."""
     dv, dt = cfg.vision.hidden_size, cfg.text.hidden_size
-    return vision_macs(cfg) + visual_tokens * (dv * dt + dt * dt) + prefill_macs(cfg.text, text_tokens + visual_tokens)
+    kept = visual_tokens - (1 if cfg.vision_feature_select == "full" else 0)
+    return (vision_macs(cfg, early_block, kept) + visual_tokens * (dv * dt + dt * dt)
+            + prefill_macs(cfg.text, text_tokens + visual_tokens))
 
 
-def ttft_work_ratio(cfg, text_tokens: int, full_tokens: int, pruned_tokens: int) -> float:
+def ttft_work_ratio(cfg, text_tokens: int, full_tokens: int, pruned_tokens: int, early_block: int | None = None) -> float:
     """The pruned TTFT speed-up an engine running every part at the same efficiency would show: the ratio
     of useful work. Token compression after the vision encoder cannot beat it (the encoder is paid in
-    both); a faster-than-this speed-up needs the vision encoder relatively faster than the LLM prefill."""
-    return ttft_macs(cfg, text_tokens, full_tokens) / ttft_macs(cfg, text_tokens, pruned_tokens)
+    both); more needs a selection inside the encoder (`early_block`) or an encoder relatively faster than
+    the LLM prefill."""
+    return ttft_macs(cfg, text_tokens, full_tokens) / ttft_macs(cfg, text_tokens, pruned_tokens, early_block)
 
 
 def cpu_flags() -> set[str]:

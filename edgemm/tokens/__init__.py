@@ -156,6 +156,15 @@ def attention_block(cfg, layer) -> int:
     return b
 
 
+def early_block(cfg, setting) -> int | None:
+    """fastervlm with early=true: the ViT block after which the patches are selected inside the encoder
+    (the later blocks run on the kept tokens only); None when the selection happens after the encoder."""
+    if setting is None or setting.method != "fastervlm" or not setting.option("early"):
+        return None
+    b = attention_block(cfg, setting.option("layer"))
+    return b if b < cfg.feature_layer_index - 1 else None
+
+
 def vtc_blocks(cfg, start, end) -> list[int]:
     """VTC-CLS's blocks: start..end inclusive (end defaults to the feature block)."""
     e = attention_block(cfg, end)
@@ -303,4 +312,4 @@ def _check_option(method: str, k: str, v):
 
 
 __all__ = ["TokenSetting", "METHODS", "EXTRAS_KEY", "parse", "get_setting", "apply_to_config", "set_visual_tokens",
-           "visual_token_count", "describe_methods", "pool_counts", "pool_shape", "attention_block"]
+           "visual_token_count", "describe_methods", "pool_counts", "pool_shape", "attention_block", "early_block"]

@@ -6,7 +6,7 @@ import importlib
 
 import torch
 
-from . import EXTRAS_KEY, TokenSetting, parse
+from . import EXTRAS_KEY, TokenSetting, early_block, parse
 from .base import Ctx, Out
 
 MODULES = {"fastervlm": "fastervlm", "vtccls": "vtccls", "divprune": "divprune", "tome": "tome", "pool": "pool",
@@ -34,7 +34,7 @@ def compress_image(model, pixel_values: torch.Tensor, setting, attn_layers=()):
     want = {(i + cfg.vision.num_layers) if i < 0 else i for i in attn_layers}
     full = cfg.vision_feature_select == "full"
     k = s.visual_tokens(cfg) - (1 if full else 0)
-    early = mod.early_block(cfg, s) if hasattr(mod, "early_block") and k < cfg.vision.num_patches else None
+    early = early_block(cfg, s) if k < cfg.vision.num_patches else None
     if early is not None:
         return _early(model, pixel_values, s, mod, early, k, want, full)
     h, attns = model.vision(pixel_values, num_layers=cfg.feature_layer_index, attn_layers=tuple(sorted(need | want)))

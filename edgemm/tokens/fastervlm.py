@@ -25,11 +25,3 @@ def run(ctx: Ctx) -> Out:
     score = cls_importance(ctx.attns, blocks(ctx.cfg, ctx.setting))
     idx = keep_top(score, ctx.k)
     return Out(idx, feats=gather_tokens(ctx.feats, idx))
-
-
-def early_block(cfg, setting) -> int | None:
-    """The block after which an early selection drops the patches, or None (selection after the ViT)."""
-    if not setting.option("early"):
-        return None
-    b = attention_block(cfg, setting.option("layer"))
-    return b if b < cfg.feature_layer_index - 1 else None
