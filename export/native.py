@@ -224,7 +224,7 @@ def build_weight_sets(loaded, prefill: str, decode: str | None, group_size: int 
         gs = group_size if decode == "int4" else 0
         bits = 4 if decode == "int4" else 8
         sparse = (main.config.extras.get("sparsity") or {}).get("layers", {})
-        gptq = _gptq_decode(src, needs, w8, bits, gs, calibration) if decode_method == "gptq" else {}
+        gptq = _gptq_decode(src, needs, w8, bits, gs, calibration, sparse) if decode_method == "gptq" else {}
         head = [HEAD] if main_fmt.get(HEAD) in (None, "w8a8") and _has_module(src, HEAD) else []
         for n in text_names + head:
             if n in gptq:
@@ -232,7 +232,8 @@ def build_weight_sets(loaded, prefill: str, decode: str | None, group_size: int 
             elif n in needs or n in head:
                 mod = src.get_submodule(n)
                 w = mod.dequantized_weight() if fm.get(n) == "w8a8" else mod.weight.detach()
-                meta, packed = rtn_decode_tensors(w, bits, gs, n, bias=getattr(mod, "bias", None) is not None)
+                g = sparse_group(gs, sparse.get(n), int(w.shape[1]))
+                meta, packed = rtn_decode_tensors(w, bits, g, n, bias=getattr(mod, "bias", None) is not None)
             else:  # weight-only in the checkpoint: its packed tensors serve both sets
                 mod = src.get_submodule(n)
                 meta = mod.metadata()
@@ -267,6 +268,17 @@ def _has_module(model, name: str) -> bool:
     return True
 
 
+def sparse_group(group_size: int, sp: dict | None, k: int) -> int:
+    """The int4 decode group of a layer: `group_size` input positions, or for an N:M-sparse layer
+    group_size * M / N positions, so that every scale still covers `group_size` stored values (2:4 at
+    group 32: one scale per 64 positions, 3.25 instead of 3.5 bits per position: the sparse GEMV reads
+    1.38x fewer bytes than dense int4 g32, not 1.29x), as long as that divides k."""
+    if not group_size or not sp:
+        return group_size
+    g = group_size * int(sp["m"]) // int(sp["n"])
+    return g if k % g == 0 else group_size
+
+
 def rtn_decode_tensors(w, bits: int, group_size: int, name: str, bias: bool = False) -> tuple[dict, dict]:
     """Symmetric RTN of one float weight [N, K] (edgemm.compress.rtn's numbers exactly), block of rows by
     block of rows -> (layer metadata as QuantLinear.metadata(), {"qweight", "scales"} numpy arrays)."""
@@ -286,10 +298,10 @@ def rtn_decode_tensors(w, bits: int, group_size: int, name: str, bias: bool = Fa
     return meta, {"qweight": qweight, "scales": scales}
 
 
-def _gptq_decode(src, needs, w8, bits: int, group_size: int, calibration) -> dict[str, tuple[dict, dict]]:
+def _gptq_decode(src, needs, w8, bits: int, group_size: int, calibration, sparse=None) -> dict[str, tuple[dict, dict]]:
     """GPTQ decode tensors of the LLM layers `needs` (sequential, on a copy of the module tree that shares
     the float tensors; the checkpoint's W8A8 layers `w8` enter as float layers with their dequantized
-    weights). -> {layer: (metadata, packed numpy tensors)}."""
+    weights; N:M layers at their `sparse_group`). -> {layer: (metadata, packed numpy tensors)}."""
     import torch
     from torch import nn
 
@@ -308,8 +320,13 @@ def _gptq_decode(src, needs, w8, bits: int, group_size: int, calibration) -> dic
         if getattr(m, NM_ATTR, None) is not None:
             setattr(lin, NM_ATTR, dict(getattr(m, NM_ATTR)))
         set_module(dq, n, lin)
+    by_group: dict[int, list[str]] = {}
+    for n in needs:
+        k = int(dq.get_submodule(n).in_features)
+        by_group.setdefault(sparse_group(group_size, (sparse or {}).get(n), k), []).append(n)
     with torch.no_grad():
-        apply(dq, GPTQConfig(bits=bits, group_size=group_size, include=needs, exclude=[]), forward_loop=calibration())
+        for g, names in by_group.items():
+            apply(dq, GPTQConfig(bits=bits, group_size=g, include=names, exclude=[]), forward_loop=calibration())
     out = {}
     for n in needs:
         mod = dq.get_submodule(n)

@@ -241,10 +241,15 @@ def test_w8a8_checkpoint_gets_a_derived_decode_set_and_sparsity_is_kept(tiny, tm
     cfg = json.loads(kv["config"])
     assert set(cfg["extras"]["sparsity"]["layers"]) == set(cfg["extras"]["quantization"]["layers"])
     ref = nx.reference_model(tmp_path / "b").model
+    dq = json.loads(kv["decode_quantization"])["layers"]
     for name in cfg["extras"]["sparsity"]["layers"]:
         lin = ref.get_submodule(name)
         for w in (lin.prefill.dequantized_weight(), lin.decode.dequantized_weight()):
             assert int((w.reshape(w.shape[0], -1, 4) != 0).sum(-1).max()) <= 2, name
+        # a scale per 32 stored values: 64 input positions of a 2:4 layer (32 where 64 does not divide K)
+        assert dq[name]["group_size"] == (64 if dq[name]["in_features"] % 64 == 0 else 32), dq[name]
+    assert dq["text.lm_head"]["group_size"] == 32
+    assert any(dq[n]["group_size"] == 64 for n in cfg["extras"]["sparsity"]["layers"])
 
 
 def test_f16_float_type_and_vision_w8a8(tiny, tmp_path):
