@@ -463,7 +463,8 @@ void bench_decode() {
   const std::vector<WoqVariant> variants = {
       {"int4_g32", WFormat::kInt4, 32, false},      {"int4_g128", WFormat::kInt4, 128, false},
       {"int8_perchannel", WFormat::kInt8, 0, false}, {"int8_g32", WFormat::kInt8, 32, false},
-      {"sp24_int4_g32", WFormat::kInt4, 32, true},   {"sp24_int4_g128", WFormat::kInt4, 128, true},
+      {"sp24_int4_g32", WFormat::kInt4, 32, true},   {"sp24_int4_g64", WFormat::kInt4, 64, true},
+      {"sp24_int4_g128", WFormat::kInt4, 128, true},
       {"sp24_int8_perchannel", WFormat::kInt8, 0, true},
   };
   std::mt19937 rng(2);
