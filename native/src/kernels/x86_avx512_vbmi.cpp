@@ -43,10 +43,7 @@ EDGEMM_INLINE void sparse_rows(const WoqGemmArgs& g, const uint8_t* base, int64_
   }
   for (int64_t gi = 0; gi < ngroups; ++gi) {
     const uint8_t* gp = base + gi * w.group_bytes;
-    // Every line of the group 4 KiB ahead: prefetching only the first two lines left the 6.5-line groups
-    // of 2:4 g64 (the exporter's default) 20-35% slower on Zen 4; 4 KiB beat 2 KiB in 4 of 4 interleaved
-    // whole-model rounds (+2-11%), 6 KiB was worse.
-    for (int64_t o = 0; o < w.group_bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(gp + 4096 + o), _MM_HINT_T0);
+    prefetch_group(gp, w.group_bytes, 4096);  // 4 KiB beat 2 KiB in 4 of 4 whole-model rounds (+2-11%); 6 KiB was worse
     const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gp + wbytes)));
     __m512i zb = _mm512_set1_epi8(static_cast<char>(kInt4 ? 8 : 128));
     if (w.has_zeros)
