@@ -455,6 +455,16 @@ void test_woq_sparse() {
           ref::woq_int8_linear(x.data(), M, c.K, q8, d.sc.data(), z8, c.G, bias.data(), c.N, yr.data());
           CHECK_CLOSE(ys.data(), yr.data(), ys.size(), 1e-4, 1e-5);
         }
+        // One activation object reused: the gather tables of the first input must not survive the
+        // second quantization.
+        WoqWeights wsr;
+        CHECK_OK(woq_pack_int4_sparse24(d.q4.data(), d.sc.data(), nullptr, c.N, c.K, c.G, &wsr));
+        std::vector<float> x2 = rng.normals(M * c.K), y1(M * c.N), y2(M * c.N), yf;
+        WoqAct reused;
+        CHECK_OK(woq_linear(x.data(), M, c.K, wsr, nullptr, y1.data(), c.N, &reused, nullptr));
+        CHECK_OK(woq_linear(x2.data(), M, c.K, wsr, nullptr, y2.data(), c.N, &reused, nullptr));
+        run_woq(wsr, x2, M, nullptr, yf, nullptr);
+        CHECK_CLOSE(y2.data(), yf.data(), y2.size(), 1e-6, 0.0);
       }
       // A group of 4 with 3 nonzeros must be rejected.
       std::vector<uint8_t> bad4 = d.q4;

@@ -33,7 +33,13 @@ void check_kernel(kernels::Status s, const char* what);
 // pool's workers costs tens of microseconds (much more on an oversubscribed machine, where the caller then
 // waits for a descheduled worker), more than the work itself.
 constexpr double kParallelWork = 1 << 22;
-inline ThreadPool* pool_for(ThreadPool* pool, double work) { return work >= kParallelWork ? pool : nullptr; }
+inline ThreadPool* pool_for(ThreadPool* pool, double work, double threshold = kParallelWork) {
+  return work >= threshold ? pool : nullptr;
+}
+// Attention (query rows x keys x heads x head_dim) splits over the pool from a lower threshold: in decode
+// it follows a GEMV, so the workers are still spinning, and it streams the whole KV cache (at 1.8B shapes
+// and 96 positions, 1.6 MB per layer) -- on one thread that was ~7% of a decode step.
+constexpr double kParallelAttn = 1 << 16;
 
 inline double now_ms() {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();

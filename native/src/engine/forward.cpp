@@ -254,7 +254,7 @@ void forward_chunk(Model& m, Session& s, float* x, int64_t T, bool decode) {
   const int64_t D = t.hidden, H = t.heads, Hkv = t.kv_heads, hd = t.head_dim, I = t.inter;
   const int64_t W = (H + 2 * Hkv) * hd, MC = m.max_context;
   ThreadPool* pool = pool_for(lin_pool, double(T) * double(2 * I) * 8);  // elementwise work
-  ThreadPool* attn_pool = pool_for(lin_pool, double(T) * double(s.n_past + T) * double(H * hd));
+  ThreadPool* attn_pool = pool_for(lin_pool, double(T) * double(s.n_past + T) * double(H * hd), kParallelAttn);
   ensure(s.buf_h, size_t(T * D));
   ensure(s.buf_qkv, size_t(T * W));
   ensure(s.buf_attn, size_t(T * H * hd));

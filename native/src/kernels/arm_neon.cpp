@@ -4,7 +4,7 @@
 //    no column-sum correction is needed.
 //  * int4: nibbles (0..15) are valid non-negative s8 values; the zero point is subtracted as z * asum.
 //  * int8 weight-only: stored (q + 128) is flipped back to q.
-//  * 2:4 sparse: vqtbl1q gathers the kept activations, sdot multiplies.
+//  * 2:4 sparse: 3-bit pattern codes index a per-8-input activation table (vqtbl2q), sdot multiplies.
 // Other kernels are the portable code compiled for this target (NEON auto-vectorization).
 #include <arm_neon.h>
 
@@ -185,9 +185,11 @@ void woq_int4(const WoqGemmArgs& g, int64_t b0, int64_t b1) { woq_dense<true>(g,
 void woq_int8(const WoqGemmArgs& g, int64_t b0, int64_t b1) { woq_dense<false>(g, b0, b1); }
 
 // ------------------------------------------------------------------------------------------------
-// 2:4 sparse weight-only: per 8 inputs and 4 rows, vqtbl1q gathers each row's 4 kept activation bytes
-// (indices expanded from the 2-bit fields with a per-byte shift), then sdot. The zero point is
-// subtracted with a second sdot on the gathered activations (exact in int32).
+// 2:4 sparse weight-only: per 8 inputs, two vqtbl1q turn the activations into a 32-byte table indexed
+// by (pattern code, which kept value, which group of 4); per 4 rows, each row's 24-bit code word sits
+// in a 32-bit lane, shifts and masks make the 4 table indices of a step, vqtbl2q gathers the kept
+// activations and sdot multiplies. The zero point is subtracted with a second sdot on the gathered
+// activations (exact in int32).
 // ------------------------------------------------------------------------------------------------
 template <bool kInt4>
 void woq_sparse(const WoqGemmArgs& g, int64_t b0, int64_t b1) {
@@ -195,21 +197,19 @@ void woq_sparse(const WoqGemmArgs& g, int64_t b0, int64_t b1) {
   const WoqAct& a = *g.a;
   const int64_t G = w.G, QB = a.QB, ngroups = w.K / G, nb = w.K / QB, bpg = G / QB;
   const int64_t wbytes = layout::woq_weight_bytes(w.format, true, G);
-  const int64_t slab = kInt4 ? 192 : 320;
-  const uint8x16_t nib = vdupq_n_u8(0x0f), flip = vdupq_n_u8(0x80), three = vdupq_n_u8(3);
-  const int8_t shv[16] = {0, -2, -4, -6, 0, -2, -4, -6, 0, -2, -4, -6, 0, -2, -4, -6};
-  const int8x16_t shifts = vld1q_s8(shv);
-  const uint8_t hiv[16] = {0, 0, 4, 4, 0, 0, 4, 4, 0, 0, 4, 4, 0, 0, 4, 4};
-  const uint8x16_t hi4 = vld1q_u8(hiv);
-  // pat[st][4l + j] = byte of the index block (rows 4i..4i+3 loaded as 16 bytes) holding row l's
-  // indices for step st.
-  uint8x16_t pat[4];
-  for (int st = 0; st < 4; ++st) {
-    uint8_t p[16];
-    for (int l = 0; l < 4; ++l)
-      for (int j = 0; j < 4; ++j) p[4 * l + j] = uint8_t((l / 2) * 8 + 2 * st + (l % 2));
-    pat[st] = vld1q_u8(p);
+  const int64_t slab = layout::sp24_slab_bytes(w.format), coff = layout::sp24_code_offset(w.format);
+  const uint8x16_t nib = vdupq_n_u8(0x0f), flip = vdupq_n_u8(0x80);
+  const uint32x4_t seven = vdupq_n_u32(7), pg = vdupq_n_u32(0x18100800u);
+  // Table index t = code | p << 3 | g << 4 -> position 4g + (p ? second : first)(code) in the 8 inputs.
+  uint8_t tix[32];
+  for (int t = 0; t < 32; ++t) {
+    const int code = t & 7, p = (t >> 3) & 1, gg = (t >> 4) & 1;
+    tix[t] = uint8_t(4 * gg + (p ? layout::kPairSecond[code] : layout::kPairFirst[code]));
   }
+  const uint8x16_t tix0 = vld1q_u8(tix), tix1 = vld1q_u8(tix + 16);
+  // Rows 4i..4i+3's code words (12 bytes) -> four 32-bit lanes.
+  const uint8_t wv_ix[16] = {0, 1, 2, 255, 3, 4, 5, 255, 6, 7, 8, 255, 9, 10, 11, 255};
+  const uint8x16_t words_ix = vld1q_u8(wv_ix);
   for (int64_t blk = b0; blk < b1; ++blk) {
     const uint8_t* base = w.data.data() + blk * w.block_bytes;
     for (int64_t m = 0; m < a.M; ++m) {
@@ -237,15 +237,23 @@ void woq_sparse(const WoqGemmArgs& g, int64_t b0, int64_t b1) {
           int32x4_t zacc[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
           for (int64_t sl = 0; sl < QB / 32; ++sl) {
             const uint8_t* sp = gp + (bb * (QB / 32) + sl) * slab;
-            const uint8_t* ip = sp + (kInt4 ? 128 : 256);
             const int64_t k0 = gi * G + (bb * (QB / 32) + sl) * 32;
+            uint32x4_t words[4];
+            for (int i = 0; i < 4; ++i) {
+              uint8_t cw[16] = {0};
+              std::memcpy(cw, sp + coff + 12 * i, 12);
+              words[i] = vreinterpretq_u32_u8(vqtbl1q_u8(vld1q_u8(cw), words_ix));
+            }
             for (int st = 0; st < 4; ++st) {
               const int8x8_t win = vld1_s8(q + k0 + 8 * st);
-              const int8x16_t table = vcombine_s8(win, win);
+              const int8x16_t w16 = vcombine_s8(win, win);
+              const int8x16x2_t table = {{vqtbl1q_s8(w16, tix0), vqtbl1q_s8(w16, tix1)}};
+              const int32x4_t sh0 = vdupq_n_s32(-6 * st), sh1 = vdupq_n_s32(-6 * st - 3);
               for (int i = 0; i < 4; ++i) {
-                uint8x16_t ix = vqtbl1q_u8(vld1q_u8(ip + 16 * i), pat[st]);
-                ix = vorrq_u8(vandq_u8(vshlq_u8(ix, shifts), three), hi4);
-                const int8x16_t gth = vqtbl1q_s8(table, ix);
+                const uint32x4_t c0 = vandq_u32(vshlq_u32(words[i], sh0), seven);
+                const uint32x4_t c1 = vandq_u32(vshlq_u32(words[i], sh1), seven);
+                const uint32x4_t ix = vorrq_u32(vorrq_u32(vmulq_n_u32(c0, 0x0101u), vmulq_n_u32(c1, 0x01010000u)), pg);
+                const int8x16_t gth = vqtbl2q_s8(table, vreinterpretq_u8_u32(ix));
                 int8x16_t wv;
                 if (kInt4) {
                   const uint8x16_t v = vld1q_u8(sp + (st / 2) * 64 + 16 * i);

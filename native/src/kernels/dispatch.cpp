@@ -252,6 +252,7 @@ Status woq_quantize(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t Q
   EDGEMM_ALLOC(a.q, size_t(M * K), false);
   EDGEMM_ALLOC(a.d, size_t(M * nb), false);
   EDGEMM_ALLOC(a.asum, size_t(M * nb), false);
+  a.sp_tab_ready = false;
   const impl::KernelTable& t = impl::active_table();
   int64_t grain = std::max<int64_t>(1, 16384 / K);
   parallel_for(pool, M, grain, [&](int64_t r0, int64_t r1, int) {
@@ -272,6 +273,11 @@ Status woq_gemm(const WoqAct& a, const WoqWeights& w, const float* bias, float* 
     fn = w.sparse24 ? t.woq_int4_sp : t.woq_int4;
   else
     fn = w.sparse24 ? t.woq_int8_sp : t.woq_int8;
+  if (w.sparse24 && t.woq_sp_tab && !a.sp_tab_ready) {
+    EDGEMM_ALLOC(a.sp_tab, size_t(a.M * (a.K / 8) * 32 + 64), false);
+    for (int64_t m = 0; m < a.M; ++m) t.woq_sp_tab(a.q.data() + m * a.K, a.K, a.sp_tab.data() + m * (a.K / 8) * 32);
+    a.sp_tab_ready = true;
+  }
   impl::WoqGemmArgs g{&a, &w, bias, y, ldy};
   // Dynamic chunks of >= 64 KiB of contiguous weights (about 8 per thread): as fast as a static split
   // on an idle machine, and a descheduled thread no longer holds the whole GEMV up on a busy one.

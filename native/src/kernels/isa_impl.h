@@ -92,6 +92,7 @@ using AttnTaskFn = void (*)(const AttentionArgs&, int64_t kvh, int64_t i0, int64
 // reading the packed head.
 constexpr int64_t kAttnBf16Pad = 32;
 inline int64_t attn_bf16_padded(int64_t T) { return (T + kAttnBf16Pad - 1) / kAttnBf16Pad * kAttnBf16Pad; }
+using WoqSpTabFn = void (*)(const int8_t* q, int64_t K, int8_t* tab);
 using AttnBf16PackFn = void (*)(const AttentionArgs&, int64_t kvh, int64_t T, uint16_t* kp, uint16_t* vp);
 using AttnBf16TaskFn = void (*)(const AttentionArgs&, const uint16_t* kp, const uint16_t* vp, int64_t kvh,
                                 int64_t i0, int64_t i1);
@@ -108,6 +109,7 @@ struct KernelTable {
   WoqGemmFn woq_int8;
   WoqGemmFn woq_int4_sp;
   WoqGemmFn woq_int8_sp;
+  WoqSpTabFn woq_sp_tab = nullptr;  // builds WoqAct::sp_tab for one row (set where the 2:4 kernels use it)
   F32GemmFn f32_gemm;
   RmsNormRowFn rmsnorm_row;
   LayerNormRowFn layernorm_row;

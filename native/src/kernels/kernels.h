@@ -149,9 +149,12 @@ enum class WFormat : int32_t { kInt4 = 0, kInt8 = 1 };
 //   dense int4 : G/8 chunks of 64 bytes; byte 4*r + j of chunk c: low nibble = u[r, g*G+8c+j],
 //                high nibble = u[r, g*G+8c+4+j]  (r = row in block, j = 0..3)
 //   dense int8 : G/4 chunks of 64 bytes; byte 4*r + j of chunk s = q[r, g*G+4s+j] + 128 (uint8)
-//   2:4 int4   : per 32 inputs: 2 x 64 bytes of kept nibbles (4 kept per row per 8 inputs, low nibble =
-//                even step, high = odd step), then 64 bytes of 2-bit in-group indices
-//   2:4 int8   : per 32 inputs: 4 x 64 bytes of kept (q + 128), then 64 bytes of 2-bit indices
+//   2:4 int4   : per 32 inputs ("slab", 176 bytes): 2 x 64 bytes of kept nibbles (byte 4*r + j of
+//                chunk c: low nibble = kept value j of inputs 16c..16c+7, high = of 16c+8..16c+15;
+//                j = 2 * (group of 4) + (0: first kept, 1: second)), then 48 bytes of 3-bit pattern
+//                codes (layout.h: row r's 8 codes in a 24-bit word at byte 3*r)
+//   2:4 int8   : per 32 inputs (304 bytes): 4 x 64 bytes of kept (q + 128), byte 4*r + j of chunk s =
+//                kept value j of inputs 8s..8s+7, then the 48 bytes of pattern codes
 //   then 16 fp16 scales (32 bytes) and, if asymmetric, 16 zero bytes (int4: 0..15, int8: z + 128).
 // Blocks are contiguous, so a thread streams one sequential range of memory.
 struct WoqWeights {
@@ -184,6 +187,11 @@ struct WoqAct {
   AlignedBuffer<int8_t> q;
   AlignedBuffer<float> d;
   AlignedBuffer<int32_t> asum;
+  // 2:4 gather tables, built by woq_gemm on first use with 2:4 weights on ISAs that use them (VBMI):
+  // per row and 8 inputs, 32 bytes: entry code | p << 3 | g << 4 = q[8c + 4g + (p ? second : first)(code)].
+  // woq_quantize invalidates them.
+  mutable AlignedBuffer<int8_t> sp_tab;
+  mutable bool sp_tab_ready = false;
 };
 int64_t woq_act_block(int64_t G);  // QB for a group size
 Status woq_quantize(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t QB, WoqAct* out,

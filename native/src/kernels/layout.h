@@ -9,10 +9,24 @@ namespace edgemm {
 namespace kernels {
 namespace layout {
 
+// 2:4 pattern codes: a group of 4 inputs keeps the pair (kPairFirst[c], kPairSecond[c]), c = 0..5 in
+// the order (0,1) (0,2) (0,3) (1,2) (1,3) (2,3). The packer never writes 6 or 7; they decode as (0,1)
+// so that no code can index outside its group.
+constexpr uint8_t kPairFirst[8] = {0, 0, 0, 1, 1, 2, 0, 0};
+constexpr uint8_t kPairSecond[8] = {1, 2, 3, 2, 3, 3, 1, 1};
+inline int pair_code(int i1, int i2) {  // i1 < i2, both in 0..3
+  return i1 == 0 ? i2 - 1 : i1 == 1 ? i2 + 1 : 5;
+}
+// A 2:4 slab (16 rows x 32 inputs): the kept values (int4: 2 x 64 B of nibbles; int8: 4 x 64 B), then
+// at sp24_code_offset 16 x 3 bytes of pattern codes (row r: a 24-bit little-endian word at byte 3r,
+// code of inputs 4t..4t+3 at bits 3t).
+inline int64_t sp24_code_offset(WFormat f) { return f == WFormat::kInt4 ? 128 : 256; }
+inline int64_t sp24_slab_bytes(WFormat f) { return sp24_code_offset(f) + 48; }
+
 // Bytes of packed weight codes per (16-row block, group of G inputs), scales/zeros excluded.
 inline int64_t woq_weight_bytes(WFormat f, bool sparse, int64_t G) {
-  if (f == WFormat::kInt4) return sparse ? 6 * G : 8 * G;  // 2:4: per 32 inputs 128 B nibbles + 64 B idx
-  return sparse ? 10 * G : 16 * G;                         // 2:4: per 32 inputs 256 B values + 64 B idx
+  if (sparse) return sp24_slab_bytes(f) * (G / 32);
+  return f == WFormat::kInt4 ? 8 * G : 16 * G;
 }
 inline int64_t woq_group_bytes(WFormat f, bool sparse, int64_t G, bool zeros) {
   return woq_weight_bytes(f, sparse, G) + 32 + (zeros ? 16 : 0);

@@ -277,7 +277,7 @@ Status pack_sparse(const Src& s, WFormat f, int64_t N, WoqWeights* w, ThreadPool
   const int64_t K = s.K, G = s.G, ng = K / G;
   const bool z = s.zr != nullptr;
   const bool i4 = f == WFormat::kInt4;
-  const int64_t wbytes = layout::woq_weight_bytes(f, true, G), slab = i4 ? 192 : 320;
+  const int64_t wbytes = layout::woq_weight_bytes(f, true, G), slab = layout::sp24_slab_bytes(f);
   // Validate first so a failure leaves no half-packed result that looks valid.
   for (int64_t n = 0; n < N; ++n)
     for (int64_t k0 = 0; k0 < K; k0 += 4) {
@@ -291,42 +291,41 @@ Status pack_sparse(const Src& s, WFormat f, int64_t N, WoqWeights* w, ThreadPool
       uint8_t* gp = w->data.data() + blk * w->block_bytes + g * w->group_bytes;
       for (int64_t sl = 0; sl < G / 32; ++sl) {
         uint8_t* sp = gp + sl * slab;
-        uint8_t* ip = sp + (i4 ? 128 : 256);
+        uint8_t* cp = sp + layout::sp24_code_offset(f);
         for (int r = 0; r < 16; ++r) {
-          int64_t n = blk * 16 + r;
-          for (int st = 0; st < 4; ++st) {
-            uint8_t ib = 0;
-            for (int h = 0; h < 2; ++h) {
-              int64_t k0 = g * G + sl * 32 + st * 8 + h * 4;
-              int pos[2], cnt = 0;
-              uint8_t zs = n < N ? s.stored_zero(n, g) : s.stored_zero(0, g);
-              if (n < N) {
-                int zp = s.zero(n, g);
-                for (int j = 0; j < 4; ++j)
-                  if (s.code(n, k0 + j) != zp) pos[cnt++] = j;
-              }
-              // Fill with unused positions holding the zero code.
-              for (int j = 0; cnt < 2 && j < 4; ++j) {
-                bool used = false;
-                for (int c = 0; c < cnt; ++c) used |= pos[c] == j;
-                if (!used) pos[cnt++] = j;
-              }
-              std::sort(pos, pos + 2);
-              for (int c = 0; c < 2; ++c) {
-                int slot = h * 2 + c;
-                uint8_t v = zs;
-                if (n < N && s.code(n, k0 + pos[c]) != s.zero(n, g)) v = s.stored(n, k0 + pos[c]);
-                ib |= uint8_t(pos[c] << (2 * slot));
-                if (i4) {
-                  uint8_t& b = sp[(st / 2) * 64 + r * 4 + slot];
-                  b |= (st % 2 == 0) ? v : uint8_t(v << 4);
-                } else {
-                  sp[st * 64 + r * 4 + slot] = v;
-                }
+          const int64_t n = blk * 16 + r;
+          const uint8_t zs = n < N ? s.stored_zero(n, g) : s.stored_zero(0, g);
+          uint32_t word = 0;  // row r's 8 pattern codes
+          for (int t = 0; t < 8; ++t) {  // group of 4 inputs k0..k0+3; step st = t / 2 holds 8 inputs
+            const int64_t k0 = g * G + sl * 32 + 4 * t;
+            const int st = t / 2, h = t % 2;
+            int pos[2], cnt = 0;
+            if (n < N) {
+              const int zp = s.zero(n, g);
+              for (int j = 0; j < 4; ++j)
+                if (s.code(n, k0 + j) != zp) pos[cnt++] = j;
+            }
+            // Fill with unused positions holding the zero code.
+            for (int j = 0; cnt < 2 && j < 4; ++j) {
+              bool used = false;
+              for (int c = 0; c < cnt; ++c) used |= pos[c] == j;
+              if (!used) pos[cnt++] = j;
+            }
+            std::sort(pos, pos + 2);
+            word |= uint32_t(layout::pair_code(pos[0], pos[1])) << (3 * t);
+            for (int c = 0; c < 2; ++c) {
+              const int slot = h * 2 + c;
+              uint8_t v = zs;
+              if (n < N && s.code(n, k0 + pos[c]) != s.zero(n, g)) v = s.stored(n, k0 + pos[c]);
+              if (i4) {
+                uint8_t& b = sp[(st / 2) * 64 + r * 4 + slot];
+                b |= (st % 2 == 0) ? v : uint8_t(v << 4);
+              } else {
+                sp[st * 64 + r * 4 + slot] = v;
               }
             }
-            ip[(r / 2) * 8 + st * 2 + (r % 2)] = ib;
           }
+          for (int i = 0; i < 3; ++i) cp[3 * r + i] = uint8_t(word >> (8 * i));
         }
       }
       put_scales(s, N, blk, g, gp, wbytes, z);

@@ -347,7 +347,7 @@ void p_woq_sparse(const WoqGemmArgs& g, int64_t b0, int64_t b1) {
   const WoqAct& a = *g.a;
   const int64_t G = w.G, QB = a.QB, ngroups = w.K / G, nb = w.K / QB, bpg = G / QB;
   const int64_t wbytes = layout::woq_weight_bytes(w.format, true, G);
-  const int64_t sb = kInt4 ? 192 : 320;  // bytes per 32 inputs (16 rows)
+  const int64_t sb = layout::sp24_slab_bytes(w.format);  // bytes per 32 inputs (16 rows)
   for (int64_t blk = b0; blk < b1; ++blk) {
     const uint8_t* base = w.data.data() + blk * w.block_bytes;
     for (int64_t m = 0; m < a.M; ++m) {
@@ -365,11 +365,12 @@ void p_woq_sparse(const WoqGemmArgs& g, int64_t b0, int64_t b1) {
             int32_t dot = 0;
             for (int64_t s32 = bb * QB / 32; s32 < (bb + 1) * QB / 32; ++s32) {
               const uint8_t* sp = gp + s32 * sb;
-              const uint8_t* ip = sp + (kInt4 ? 128 : 256);
+              const uint8_t* cp = sp + layout::sp24_code_offset(w.format) + 3 * r;
+              const uint32_t word = uint32_t(cp[0]) | uint32_t(cp[1]) << 8 | uint32_t(cp[2]) << 16;
               for (int st = 0; st < 4; ++st) {
-                uint8_t ib = ip[(r / 2) * 8 + st * 2 + (r % 2)];
                 for (int j = 0; j < 4; ++j) {
-                  int64_t k = s32 * 32 + st * 8 + (j / 2) * 4 + ((ib >> (2 * j)) & 3);
+                  const int grp = 2 * st + j / 2, code = int((word >> (3 * grp)) & 7);
+                  const int64_t k = s32 * 32 + 4 * grp + (j % 2 ? layout::kPairSecond[code] : layout::kPairFirst[code]);
                   int32_t u;
                   if (kInt4) {
                     uint8_t byte = sp[(st / 2) * 64 + r * 4 + j];

@@ -512,6 +512,7 @@ const KernelTable* table_avx512() {
     if (avx512_vbmi_supported()) {
       k.woq_int4_sp = avx512vbmi_woq_int4_sparse;
       k.woq_int8_sp = avx512vbmi_woq_int8_sparse;
+      k.woq_sp_tab = avx512vbmi_woq_sp_tab;
     }
     k.f32_gemm = f32_gemm;
     k.silu = silu_n;

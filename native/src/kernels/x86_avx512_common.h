@@ -34,6 +34,7 @@ void avx512bf16_attn_task(const AttentionArgs& a, const uint16_t* kp, const uint
 bool avx512_vbmi_supported();
 void avx512vbmi_woq_int4_sparse(const WoqGemmArgs& g, int64_t b0, int64_t b1);
 void avx512vbmi_woq_int8_sparse(const WoqGemmArgs& g, int64_t b0, int64_t b1);
+void avx512vbmi_woq_sp_tab(const int8_t* q, int64_t K, int8_t* tab);
 
 namespace {
 
