@@ -621,3 +621,18 @@ def test_attention_option_auto_follows_the_linears_and_the_ab_tool_reports_each_
     assert [r["mode"] for r in rep["modes"]] == ["auto", "fp32", "auto"]
     assert all(r["runs"][0]["ttft_ms"] > 0 and r["runs"][0]["prefill_tokens"] > 0 for r in rep["modes"])
     assert rep["modes"][1]["attention"]["text_prefill"] == "fp32"
+
+
+def test_decode_ab_tool_interleaves_two_bundles_in_process_and_across_libraries(bundles, native_lib, tmp_path):
+    from edgemm.bench.decode_ab import measure
+
+    rep = measure(bundles["w8a8-int4"], bundles["int8"], rounds=2, tokens=4, threads=1)
+    assert len(rep["a_tok_s"]) == len(rep["b_tok_s"]) == 2 and min(rep["a_tok_s"] + rep["b_tok_s"]) > 0
+    assert rep["ratio_of_medians"] == round(rep["b_median"] / rep["a_median"], 3)
+    lib = str(native_lib)
+    rep = measure(bundles["w8a8-int4"], bundles["int8"], rounds=1, tokens=4, threads=1, libs=[lib, lib])
+    assert set(rep["libraries"]) == {lib} and len(rep["libraries"][lib]["a_tok_s"]) == 2
+    with pytest.raises(EdgemmError, match="manifest"):
+        measure(tmp_path, bundles["int8"], rounds=1)
+    with pytest.raises(EdgemmError, match="does not exist"):
+        measure(bundles["w8a8-int4"], bundles["int8"], rounds=1, libs=[str(tmp_path / "nope.so")])
