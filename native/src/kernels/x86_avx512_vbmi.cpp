@@ -19,15 +19,16 @@ namespace impl {
 bool avx512_vbmi_supported() { return cpu_features().avx512vbmi; }
 
 void avx512vbmi_woq_sp_tab(const int8_t* q, int64_t K, int8_t* tab) {
-  alignas(32) uint8_t ix[32];
-  for (int t = 0; t < 32; ++t) {
+  // Two 8-input chunks per vpermb: output bytes 0-31 from q[0..8), 32-63 from q[8..16).
+  alignas(64) uint8_t ix[64];
+  for (int t = 0; t < 64; ++t) {
     const int code = t & 7, p = (t >> 3) & 1, g = (t >> 4) & 1;
-    ix[t] = uint8_t(4 * g + (p ? layout::kPairSecond[code] : layout::kPairFirst[code]));
+    ix[t] = uint8_t(8 * (t >> 5) + 4 * g + (p ? layout::kPairSecond[code] : layout::kPairFirst[code]));
   }
-  const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(ix));
-  for (int64_t c = 0; c < K / 8; ++c) {
-    const __m256i a = _mm256_castsi128_si256(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * c)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(tab + 32 * c), _mm256_permutexvar_epi8(idx, a));
+  const __m512i idx = _mm512_load_si512(ix);
+  for (int64_t c = 0; c < K / 8; c += 2) {  // K is a multiple of 32 (woq_prepare: G % 32 == 0, K % G == 0)
+    const __m512i a = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 8 * c)));
+    _mm512_storeu_si512(tab + 32 * c, _mm512_permutexvar_epi8(idx, a));
   }
 }
 
