@@ -574,8 +574,11 @@ def read_model_file(path) -> tuple[dict, str, dict[str, np.ndarray], dict]:
     return config, kv["tokenizer"], tensors, dlayers
 
 
-def reference_model(path, act_quant: bool = True):
+def reference_model(path, act_quant: bool = True, kv_fp16: bool | None = None):
     """The torch EdgeVLM holding exactly the tensors of a native model file (or a bundle's), as a LoadedModel.
+
+    `kv_fp16` rounds keys and values to fp16 as the engine's fp16 KV cache does; None follows the engine's
+    default (load option attention "auto"): fp16 when the text linear layers are quantized.
 
     Linear layers with a decode set run their main (prefill) weights on multi-token inputs and the decode
     weights on single-token steps, as the native engine does. With `act_quant` (default) every weight-only
@@ -634,6 +637,13 @@ def reference_model(path, act_quant: bool = True):
         set_module(model, layer, pd_cls(main_mod, act(dec)))
     if HEAD in dlayers:  # one head, the decode set's, for prompt and decode steps alike (as the engine)
         model.text.lm_head = model.text.lm_head.decode
+    from edgemm.models.modeling import Attention
+
+    attns = [m for m in model.modules() if isinstance(m, Attention)]
+    if kv_fp16 is None:  # the engine: quantized text linears (the first layer's q projection is not float)
+        kv_fp16 = bool(attns) and type(attns[0].q_proj) is not torch.nn.Linear
+    for a in attns:
+        a.kv_round = torch.float16 if kv_fp16 else None
     model.eval()
     return LoadedModel(model, processor, f"native-reference:{path}", Path(path).parent)
 

@@ -214,6 +214,10 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    # dtype the keys and values are rounded to before attention, as a KV cache stored in it would
+    # (None: kept as computed). The native engine's fp16 KV cache is emulated by setting torch.float16.
+    kv_round = None
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -229,6 +233,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_round is not None:
+            k, v = k.to(self.kv_round).to(q.dtype), v.to(self.kv_round).to(q.dtype)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         rep = self.num_heads // self.num_kv_heads

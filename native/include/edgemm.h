@@ -70,7 +70,9 @@ typedef struct {
                           EDGEMM_ATTENTION_FP32: fp32 everywhere; EDGEMM_ATTENTION_BF16: bf16 everywhere.
                           bf16 means bf16 Q, K, V and probabilities with fp32 scores, softmax and
                           accumulation, on CPUs with AVX512-BF16 only (AMX-BF16 tiles, else vdpbf16ps;
-                          elsewhere attention stays fp32). */
+                          elsewhere attention stays fp32). The KV cache follows the same rule in
+                          fp16 storage: fp16 under AUTO with quantized text linears and under BF16
+                          (on every CPU), fp32 otherwise. */
 } edgemm_load_options;
 #define EDGEMM_ATTENTION_AUTO 0
 #define EDGEMM_ATTENTION_FP32 1

@@ -757,6 +757,56 @@ void test_attention_bf16() {
   if (!ran_bf16) std::printf("attn_bf16: this CPU has no AVX512-BF16: only the fp32 fallback was checked\n");
 }
 
+// fp16 KV cache: the conversions equal the scalar helpers; attention on fp16 K/V equals fp32 attention on
+// the fp16-rounded values (fp32 and bf16 paths), for every ISA.
+void test_attention_fp16kv() {
+  etest::for_each_isa([&](Isa) {
+    Rng rng(17);
+    std::vector<float> x = rng.normals(1000, 30.0f);
+    const float specials[] = {0.f, -0.f, 1e-7f, -3e-6f, 6.1e-5f, 65504.f, 65519.f, 65520.f, -1e6f, 1.0009765625f,
+                              1.00048828125f, INFINITY, -INFINITY};
+    for (size_t i = 0; i < sizeof(specials) / sizeof(specials[0]); ++i) x[i * 7] = specials[i];
+    for (int64_t n : {int64_t(1000), int64_t(13), int64_t(0)}) {
+      std::vector<uint16_t> h(static_cast<size_t>(n) + 1, 0xabcd), href(static_cast<size_t>(n));
+      std::vector<float> back(static_cast<size_t>(n) + 1, -7.f);
+      fp32_to_fp16_n(x.data(), h.data(), n);
+      for (int64_t i = 0; i < n; ++i) href[size_t(i)] = fp32_to_fp16(x[size_t(i)]);
+      CHECK(std::equal(href.begin(), href.end(), h.begin()) && h[size_t(n)] == 0xabcd);
+      fp16_to_fp32_n(h.data(), back.data(), n);
+      for (int64_t i = 0; i < n; ++i) {
+        const float r = fp16_to_fp32(h[size_t(i)]);
+        CHECK(std::memcmp(&back[size_t(i)], &r, 4) == 0);
+      }
+      CHECK(back[size_t(n)] == -7.f);
+    }
+    using C = AttnCase;
+    const C cases[] = {{1, 99, 8, 2, 128, true, 0}, {37, 20, 4, 2, 128, true, 0}, {50, 0, 4, 4, 64, false, 50},
+                       {1, 0, 4, 4, 64, true, 0},   {64, 64, 4, 4, 128, true, 0}, {30, 0, 4, 2, 16, true, 0}, {1, 30, 4, 2, 16, true, 0}};
+    for (const C& c : cases)
+      for (bool bf16 : {false, true}) {
+        AttnData t = make_attention(rng, c, 3, 16);
+        std::vector<uint16_t> k16(t.k.size()), v16(t.v.size());
+        fp32_to_fp16_n(t.k.data(), k16.data(), int64_t(k16.size()));
+        fp32_to_fp16_n(t.v.data(), v16.data(), int64_t(v16.size()));
+        fp16_to_fp32_n(k16.data(), t.k.data(), int64_t(k16.size()));  // the fp32 run sees the rounded values
+        fp16_to_fp32_n(v16.data(), t.v.data(), int64_t(v16.size()));
+        AttentionArgs a = t.args;
+        a.allow_bf16 = bf16;
+        std::vector<float> o32(t.out.size()), o16(t.out.size());
+        a.out = o32.data();
+        CHECK_OK(attention(a, &pool2()));
+        a.k = a.v = nullptr;
+        a.k16 = k16.data();
+        a.v16 = v16.data();
+        a.out = o16.data();
+        CHECK_OK(attention(a, &pool2()));
+        CHECK_CLOSE(o16.data(), o32.data(), o16.size(), 1e-6, 1e-6);
+        a.v16 = nullptr;
+        CHECK_STATUS(attention(a, nullptr), Status::kInvalidArgument);
+      }
+  });
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Argument validation: errors come back as statuses.
 // ---------------------------------------------------------------------------------------------------
@@ -830,7 +880,7 @@ void test_validation() {
 int main(int argc, char** argv) {
   const std::map<std::string, void (*)()> groups = {
       {"threadpool", test_thread_pool}, {"fp16", test_fp16},           {"w8a8", test_w8a8},
-      {"shadow", test_w8a8_shadow},     {"amx_bits", test_w8a8_amx_bits},     {"woq", test_woq_dense},       {"sparse", test_woq_sparse},
+      {"shadow", test_w8a8_shadow},     {"amx_bits", test_w8a8_amx_bits},     {"woq", test_woq_dense},       {"sparse", test_woq_sparse}, {"attn_fp16kv", test_attention_fp16kv},
       {"f32", test_f32_gemm},           {"elementwise", test_elementwise}, {"rope", test_rope},
       {"attention", test_attention},    {"attn_bf16", test_attention_bf16}, {"validation", test_validation},
   };

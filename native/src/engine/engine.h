@@ -213,6 +213,9 @@ struct Model {
   int chunk_size = 32, max_context = 512, n_threads = 1;
   bool npu_lane = false;
   bool vit_attn_bf16 = false, text_attn_bf16 = false;  // AttentionArgs::allow_bf16 of each part (load option)
+  // KV cache in fp16 (half the memory and half the bytes a decode step's attention streams): load option
+  // attention auto with quantized text linears, or bf16; fp32 otherwise (the fp32 bundle stays exact).
+  bool kv_fp16 = false;
   std::string prefill_desc, decode_desc;
   // vision
   Linear patch_embed;
@@ -248,10 +251,11 @@ struct Session {
   Model* m = nullptr;
   // KV cache [layer][kv_head][max_context][head_dim]
   struct FreeDeleter {
-    void operator()(float* p) const { std::free(p); }
+    void operator()(void* p) const { std::free(p); }
   };
   // calloc'ed: zero, and (large allocations) backed by untouched pages until positions fill
-  std::unique_ptr<float[], FreeDeleter> kcache, vcache;
+  std::unique_ptr<float[], FreeDeleter> kcache, vcache;        // fp32 KV cache, or
+  std::unique_ptr<uint16_t[], FreeDeleter> kcache16, vcache16;  // fp16 (Model::kv_fp16)
   int64_t n_past = 0;
   bool image_used = false;  // the current context already holds the visual tokens
   std::vector<float> pixels;  // preprocessed CHW, empty = no image
@@ -298,5 +302,9 @@ void record_rows(Session& s, const std::string& name, int64_t row0, const float*
                  int64_t total_rows);
 // Sequential prefill/decode of one chunk (all work on m.pool).
 void forward_chunk(Model& m, Session& s, float* x, int64_t T, bool decode);
+// Layer l's K and V rows of qkv [T][W] (after RoPE) into the cache at positions pos0.., then the cache
+// attention of those T rows against positions [0, pos0 + T) into out [T][H*hd].
+void cache_attention(Model& m, Session& s, int l, const float* qkv, int64_t W, int64_t T, int64_t pos0, float* out,
+                     ThreadPool* pool);
 
 }  // namespace edgemm

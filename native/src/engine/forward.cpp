@@ -1,3 +1,4 @@
+#include <cstdio>
 // EdgeVLM forward: ViT, projector, decoder chunk, session evaluation.
 #include <algorithm>
 #include <cmath>
@@ -50,9 +51,19 @@ static void activation(const std::string& act, float* x, int64_t n, ThreadPool* 
 Session::Session(Model* model) : m(model) {
   const TextCfg& t = m->cfg.t;
   size_t n = size_t(t.layers) * t.kv_heads * size_t(m->max_context) * t.head_dim;
-  kcache.reset(static_cast<float*>(std::calloc(n, sizeof(float))));
-  vcache.reset(static_cast<float*>(std::calloc(n, sizeof(float))));
-  if (!kcache || !vcache) fail(EDGEMM_ERR_OUT_OF_MEMORY, "cannot allocate the KV cache (" + std::to_string(2 * n * 4 >> 20) + " MiB)");
+  bool ok;
+  if (m->kv_fp16) {
+    kcache16.reset(static_cast<uint16_t*>(std::calloc(n, sizeof(uint16_t))));
+    vcache16.reset(static_cast<uint16_t*>(std::calloc(n, sizeof(uint16_t))));
+    ok = kcache16 && vcache16;
+  } else {
+    kcache.reset(static_cast<float*>(std::calloc(n, sizeof(float))));
+    vcache.reset(static_cast<float*>(std::calloc(n, sizeof(float))));
+    ok = kcache && vcache;
+  }
+  if (!ok)
+    fail(EDGEMM_ERR_OUT_OF_MEMORY, "cannot allocate the KV cache (" +
+                                       std::to_string(2 * n * (m->kv_fp16 ? 2 : 4) >> 20) + " MiB)");
 }
 
 void Session::reset() {
@@ -247,12 +258,56 @@ void record_rows(Session& s, const std::string& name, int64_t row0, const float*
   std::memcpy(&t.data[size_t(row0 * cols)], data, size_t(rows * cols) * sizeof(float));
 }
 
+void cache_attention(Model& m, Session& s, int l, const float* qkv, int64_t W, int64_t T, int64_t pos0, float* out,
+                     ThreadPool* pool) {
+  const TextCfg& t = m.cfg.t;
+  const int64_t H = t.heads, Hkv = t.kv_heads, hd = t.head_dim, MC = m.max_context;
+  const size_t base = size_t(l) * Hkv * MC * hd;
+  for (int64_t i = 0; i < T; ++i)
+    for (int64_t kh = 0; kh < Hkv; ++kh) {
+      const size_t at = base + size_t((kh * MC + pos0 + i) * hd);
+      const float* kr = qkv + i * W + (H + kh) * hd;
+      const float* vr = qkv + i * W + (H + Hkv + kh) * hd;
+      if (m.kv_fp16) {
+        kernels::fp32_to_fp16_n(kr, &s.kcache16[at], hd);
+        kernels::fp32_to_fp16_n(vr, &s.vcache16[at], hd);
+      } else {
+        std::memcpy(&s.kcache[at], kr, size_t(hd) * 4);
+        std::memcpy(&s.vcache[at], vr, size_t(hd) * 4);
+      }
+    }
+  kernels::AttentionArgs a;
+  a.q = qkv;
+  a.q_ld = W;
+  if (m.kv_fp16) {
+    a.k16 = &s.kcache16[base];
+    a.v16 = &s.vcache16[base];
+  } else {
+    a.k = &s.kcache[base];
+    a.v = &s.vcache[base];
+  }
+  a.k_ld = a.v_ld = hd;
+  a.k_head_stride = a.v_head_stride = MC * hd;
+  a.out = out;
+  a.out_ld = H * hd;
+  a.n_q = T;
+  a.n_kv = pos0 + T;
+  a.q_pos0 = pos0;
+  a.n_heads = H;
+  a.n_kv_heads = Hkv;
+  a.head_dim = hd;
+  a.causal = true;
+  a.scale = float(std::pow(double(hd), -0.5));
+  a.allow_bf16 = m.text_attn_bf16;
+  check_kernel(kernels::attention(a, pool), "attention");
+}
+
 // Runs rows x[T, D] (residual stream, updated in place) at positions n_past.. through every layer.
 void forward_chunk(Model& m, Session& s, float* x, int64_t T, bool decode) {
   const TextCfg& t = m.cfg.t;
   ThreadPool* lin_pool = m.pool.get();
   const int64_t D = t.hidden, H = t.heads, Hkv = t.kv_heads, hd = t.head_dim, I = t.inter;
-  const int64_t W = (H + 2 * Hkv) * hd, MC = m.max_context;
+  const int64_t W = (H + 2 * Hkv) * hd;
   ThreadPool* pool = pool_for(lin_pool, double(T) * double(2 * I) * 8);  // elementwise work
   ThreadPool* attn_pool = pool_for(lin_pool, double(T) * double(s.n_past + T) * double(H * hd), kParallelAttn);
   ensure(s.buf_h, size_t(T * D));
@@ -264,41 +319,13 @@ void forward_chunk(Model& m, Session& s, float* x, int64_t T, bool decode) {
         *tmp = s.buf_tmp.data();
   std::vector<int32_t> pos(static_cast<size_t>(T));
   for (int64_t i = 0; i < T; ++i) pos[size_t(i)] = int32_t(s.n_past + i);
-  const float scale = float(std::pow(double(hd), -0.5));
   for (int l = 0; l < t.layers; ++l) {
     const TextBlock& b = m.blocks[size_t(l)];
     check_kernel(kernels::rmsnorm(x, D, b.ln_in.data(), h, D, T, D, t.eps, pool), "rmsnorm");
     run_linear(decode ? b.dec_qkv() : b.qkv, h, T, D, qkv, W, &s.scratch, lin_pool);
     check_kernel(kernels::rope_apply(qkv, W, T, H, hd, pos.data(), m.rope, pool), "rope");
     check_kernel(kernels::rope_apply(qkv + H * hd, W, T, Hkv, hd, pos.data(), m.rope, pool), "rope");
-    float* kc = &s.kcache[size_t(l) * Hkv * MC * hd];
-    float* vc = &s.vcache[size_t(l) * Hkv * MC * hd];
-    for (int64_t i = 0; i < T; ++i)
-      for (int64_t kh = 0; kh < Hkv; ++kh) {
-        std::memcpy(kc + (kh * MC + s.n_past + i) * hd, qkv + i * W + (H + kh) * hd, size_t(hd) * 4);
-        std::memcpy(vc + (kh * MC + s.n_past + i) * hd, qkv + i * W + (H + Hkv + kh) * hd, size_t(hd) * 4);
-      }
-    kernels::AttentionArgs a;
-    a.q = qkv;
-    a.q_ld = W;
-    a.k = kc;
-    a.k_ld = hd;
-    a.k_head_stride = MC * hd;
-    a.v = vc;
-    a.v_ld = hd;
-    a.v_head_stride = MC * hd;
-    a.out = att;
-    a.out_ld = H * hd;
-    a.n_q = T;
-    a.n_kv = s.n_past + T;
-    a.q_pos0 = s.n_past;
-    a.n_heads = H;
-    a.n_kv_heads = Hkv;
-    a.head_dim = hd;
-    a.causal = true;
-    a.scale = scale;
-    a.allow_bf16 = m.text_attn_bf16;
-    check_kernel(kernels::attention(a, attn_pool), "attention");
+    cache_attention(m, s, l, qkv, W, T, s.n_past, att, attn_pool);
     run_linear(decode ? b.dec_o() : b.o, att, T, H * hd, tmp, D, &s.scratch, lin_pool);
     for (int64_t j = 0; j < T * D; ++j) x[j] += tmp[j];
     check_kernel(kernels::rmsnorm(x, D, b.ln_post.data(), h, D, T, D, t.eps, pool), "rmsnorm");

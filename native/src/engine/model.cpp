@@ -959,13 +959,16 @@ std::unique_ptr<Model> load_model(const std::string& path_in, const edgemm_load_
   if (opts.attention < EDGEMM_ATTENTION_AUTO || opts.attention > EDGEMM_ATTENTION_BF16)
     fail(EDGEMM_ERR_INVALID_ARGUMENT, "load option attention must be 0 (auto), 1 (fp32) or 2 (bf16)");
   // bf16 attention in a part: forced, or auto and the part's linears are quantized; only where the CPU can.
+  auto quantized = [](const Linear* qkv) { return qkv && qkv->valid() && qkv->kind != Linear::kF32; };
   auto attn_bf16 = [&](const Linear* qkv) {
-    const bool quantized = qkv && qkv->valid() && qkv->kind != Linear::kF32;
     return kernels::attention_bf16_available() &&
-           (opts.attention == EDGEMM_ATTENTION_BF16 || (opts.attention == EDGEMM_ATTENTION_AUTO && quantized));
+           (opts.attention == EDGEMM_ATTENTION_BF16 || (opts.attention == EDGEMM_ATTENTION_AUTO && quantized(qkv)));
   };
+  const Linear* text_qkv = m->blocks.empty() ? nullptr : &m->blocks[0].qkv;
   m->vit_attn_bf16 = attn_bf16(m->vit.empty() ? nullptr : &m->vit[0].qkv);
-  m->text_attn_bf16 = attn_bf16(m->blocks.empty() ? nullptr : &m->blocks[0].qkv);
+  m->text_attn_bf16 = attn_bf16(text_qkv);
+  // fp16 KV cache on the same rule, on every CPU (storage only: attention widens it to fp32 or bf16).
+  m->kv_fp16 = opts.attention == EDGEMM_ATTENTION_BF16 || (opts.attention == EDGEMM_ATTENTION_AUTO && quantized(text_qkv));
 #if defined(__GLIBC__)
   malloc_trim(0);  // hand the load-time transient buffers back to the OS (glibc keeps freed heap otherwise)
 #endif
@@ -1028,6 +1031,7 @@ std::string Model::info_json() const {
   add("chunk_size", std::to_string(chunk_size));
   add("attention", "{\"vision\":" + json::quote(vit_attn_bf16 ? "bf16" : "fp32") + ",\"text_prefill\":" +
                        json::quote(text_attn_bf16 ? "bf16" : "fp32") + "}");
+  add("kv_cache", json::quote(kv_fp16 ? "fp16" : "fp32"));
   add("max_context", std::to_string(max_context));
   add("vocab_size", std::to_string(cfg.t.vocab));
   add("image_size", std::to_string(cfg.v.image_size));

@@ -41,14 +41,13 @@ bool is_npu(const Linear& L) { return L.kind == Linear::kW8A8 && L.parts.empty()
 void prefill_two_lane(Model& m, Session& s, float* x, int64_t T) {
   const TextCfg& t = m.cfg.t;
   const int64_t D = t.hidden, H = t.heads, Hkv = t.kv_heads, hd = t.head_dim, I = t.inter;
-  const int64_t W = (H + 2 * Hkv) * hd, MC = m.max_context, C = m.chunk_size;
+  const int64_t W = (H + 2 * Hkv) * hd, C = m.chunk_size;
   const int64_t n_chunks = (T + C - 1) / C;
   const int L = t.layers;
   const int64_t start = s.n_past;
   ThreadPool* cpu_lane_pool = m.cpu_pool.get();
   ThreadPool* cpu_pool = pool_for(cpu_lane_pool, double(C) * double(2 * I) * 8);
   NpuBackend npu = cpu_int8_backend(m.npu_pool.get());  // the kernels split big GEMMs only
-  const float scale = float(std::pow(double(hd), -0.5));
 
   std::vector<Slot> slots(static_cast<size_t>(std::min<int64_t>(kWindow, n_chunks)));
   for (auto& sl : slots) {
@@ -112,34 +111,8 @@ void prefill_two_lane(Model& m, Session& s, float* x, int64_t T) {
         float* qkv = sl.qkv.data();
         check_kernel(kernels::rope_apply(qkv, W, n, H, hd, pos.data(), m.rope, cpu_pool), "rope");
         check_kernel(kernels::rope_apply(qkv + H * hd, W, n, Hkv, hd, pos.data(), m.rope, cpu_pool), "rope");
-        float* kc = &s.kcache[size_t(l) * Hkv * MC * hd];
-        float* vc = &s.vcache[size_t(l) * Hkv * MC * hd];
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t kh = 0; kh < Hkv; ++kh) {
-            std::memcpy(kc + (kh * MC + p0 + i) * hd, qkv + i * W + (H + kh) * hd, size_t(hd) * 4);
-            std::memcpy(vc + (kh * MC + p0 + i) * hd, qkv + i * W + (H + Hkv + kh) * hd, size_t(hd) * 4);
-          }
-        kernels::AttentionArgs a;
-        a.q = qkv;
-        a.q_ld = W;
-        a.k = kc;
-        a.k_ld = hd;
-        a.k_head_stride = MC * hd;
-        a.v = vc;
-        a.v_ld = hd;
-        a.v_head_stride = MC * hd;
-        a.out = sl.att.data();
-        a.out_ld = H * hd;
-        a.n_q = n;
-        a.n_kv = p0 + n;
-        a.q_pos0 = p0;
-        a.n_heads = H;
-        a.n_kv_heads = Hkv;
-        a.head_dim = hd;
-        a.causal = true;
-        a.scale = scale;
-        a.allow_bf16 = m.text_attn_bf16;
-        check_kernel(kernels::attention(a, pool_for(cpu_lane_pool, double(n) * double(p0 + n) * double(H * hd))), "attention");
+        cache_attention(m, s, l, qkv, W, n, p0, sl.att.data(),
+                        pool_for(cpu_lane_pool, double(n) * double(p0 + n) * double(H * hd)));
         prep(b.o, 1, sl.att.data(), H * hd, sl.tmp.data(), D);
         break;
       }

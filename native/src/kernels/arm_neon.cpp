@@ -351,6 +351,18 @@ void f32_gemm(const F32GemmArgs& g, int64_t p0, int64_t p1) {
   }
 }
 
+// fp16 rows (FPCR default rounding: to nearest even, as the scalar helper).
+void f16_to_f32(const uint16_t* x, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(x + i))));
+  for (; i < n; ++i) y[i] = fp16_to_fp32(x[i]);
+}
+void f32_to_f16(const float* x, uint16_t* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) vst1_u16(y + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(x + i))));
+  for (; i < n; ++i) y[i] = fp32_to_fp16(x[i]);
+}
+
 }  // namespace
 
 const KernelTable* table_neon() {
@@ -362,6 +374,8 @@ const KernelTable* table_neon() {
     k.woq_int4_sp = woq_int4_sp;
     k.woq_int8_sp = woq_int8_sp;
     k.f32_gemm = f32_gemm;
+    k.f16_to_f32 = f16_to_f32;
+    k.f32_to_f16 = f32_to_f16;
     return k;
   }();
   return &t;

@@ -414,8 +414,43 @@ Status rope_apply(float* x, int64_t ld, int64_t rows, int64_t n_heads, int64_t h
 // ---------------------------------------------------------------------------------------------------
 // Attention
 // ---------------------------------------------------------------------------------------------------
+void fp16_to_fp32_n(const uint16_t* x, float* y, int64_t n) { impl::active_table().f16_to_f32(x, y, n); }
+void fp32_to_fp16_n(const float* x, uint16_t* y, int64_t n) { impl::active_table().f32_to_f16(x, y, n); }
+
+namespace {
+// fp16 K/V: kv head `kvh`'s first T rows widened into a thread-local fp32 buffer; returns args that read
+// them there (head stride 0, so any kvh indexes the same rows).
+bool widen_kv(const AttentionArgs& a, int64_t kvh, int64_t T, AttentionArgs* b) {
+  thread_local AlignedBuffer<float> kw, vw;
+  const int64_t D = a.head_dim;
+  if (!kw.resize(size_t(T * D)) || !vw.resize(size_t(T * D))) return false;
+  const impl::KernelTable& t = impl::active_table();
+  const uint16_t* ks = a.k16 + kvh * a.k_head_stride;
+  const uint16_t* vs = a.v16 + kvh * a.v_head_stride;
+  if (a.k_ld == D) {
+    t.f16_to_f32(ks, kw.data(), T * D);
+  } else {
+    for (int64_t r = 0; r < T; ++r) t.f16_to_f32(ks + r * a.k_ld, kw.data() + r * D, D);
+  }
+  if (a.v_ld == D) {
+    t.f16_to_f32(vs, vw.data(), T * D);
+  } else {
+    for (int64_t r = 0; r < T; ++r) t.f16_to_f32(vs + r * a.v_ld, vw.data() + r * D, D);
+  }
+  *b = a;
+  b->k = kw.data();
+  b->v = vw.data();
+  b->k16 = b->v16 = nullptr;
+  b->k_ld = b->v_ld = D;
+  b->k_head_stride = b->v_head_stride = 0;
+  return true;
+}
+}  // namespace
+
 Status attention(const AttentionArgs& a, ThreadPool* pool) {
-  EDGEMM_CHECK(a.q && a.k && a.v && a.out && a.n_q > 0 && a.n_kv > 0 && a.q_pos0 >= 0);
+  const bool f16 = a.k16 != nullptr || a.v16 != nullptr;
+  EDGEMM_CHECK(a.q && a.out && a.n_q > 0 && a.n_kv > 0 && a.q_pos0 >= 0);
+  EDGEMM_CHECK(f16 ? (a.k16 && a.v16) : (a.k && a.v));
   EDGEMM_CHECK(a.n_heads > 0 && a.n_kv_heads > 0 && a.n_heads % a.n_kv_heads == 0);
   EDGEMM_CHECK(a.head_dim > 0 && a.head_dim <= 256 && std::isfinite(a.scale));
   EDGEMM_CHECK(a.q_ld >= a.n_heads * a.head_dim && a.out_ld >= a.n_heads * a.head_dim);
@@ -425,34 +460,52 @@ Status attention(const AttentionArgs& a, ThreadPool* pool) {
   const int64_t rows_per_task = 32;
   const int64_t row_tasks = (a.n_q + rows_per_task - 1) / rows_per_task;
   const int64_t n_tasks = a.n_kv_heads * row_tasks;
-  // bf16 path: K and V of every kv head to bf16 tiles first (keys past the last query's causal limit
-  // are not read); falls back to fp32 if the buffers cannot be had.
+  // Keys past the last query's causal limit are never read.
+  const int64_t T_all = a.causal ? std::min(a.n_kv, a.q_pos0 + a.n_q) : a.n_kv;
+  // bf16 path: K and V of every kv head to bf16 tiles first; falls back to fp32 if the buffers cannot
+  // be had.
   const uint16_t* kp = nullptr;
   const uint16_t* vp = nullptr;
   const size_t per_head = size_t(impl::attn_bf16_padded(a.n_kv) * a.head_dim);
   if (a.allow_bf16 && t.attn_bf16_task && a.head_dim % 32 == 0 && a.n_q * (a.n_heads / a.n_kv_heads) >= 16) {
-    const int64_t T = a.causal ? std::min(a.n_kv, a.q_pos0 + a.n_q) : a.n_kv;
     thread_local AlignedBuffer<uint16_t> kbuf, vbuf;
     if (kbuf.resize(per_head * size_t(a.n_kv_heads)) && vbuf.resize(per_head * size_t(a.n_kv_heads))) {
       uint16_t* kw = kbuf.data();
       uint16_t* vw = vbuf.data();
+      std::atomic<bool> ok{true};
       parallel_for_dynamic(pool, a.n_kv_heads, [&](int64_t h, int) {
-        t.attn_bf16_pack(a, h, T, kw + size_t(h) * per_head, vw + size_t(h) * per_head);
+        AttentionArgs b;
+        if (!f16) {
+          t.attn_bf16_pack(a, h, T_all, kw + size_t(h) * per_head, vw + size_t(h) * per_head);
+        } else if (widen_kv(a, h, T_all, &b)) {
+          t.attn_bf16_pack(b, h, T_all, kw + size_t(h) * per_head, vw + size_t(h) * per_head);
+        } else {
+          ok = false;
+        }
       });
+      if (!ok) return Status::kOutOfMemory;
       kp = kw;
       vp = vw;
     }
   }
+  std::atomic<bool> ok{true};
   // Later row blocks (more keys under the causal mask) first, for load balance.
   parallel_for_dynamic(pool, n_tasks, [&](int64_t i, int) {
     int64_t kvh = i % a.n_kv_heads, rb = row_tasks - 1 - i / a.n_kv_heads;
     int64_t i0 = rb * rows_per_task, i1 = std::min(a.n_q, i0 + rows_per_task);
-    if (kp)
+    if (kp) {
       t.attn_bf16_task(a, kp + size_t(kvh) * per_head, vp + size_t(kvh) * per_head, kvh, i0, i1);
-    else
+    } else if (!f16) {
       t.attn_task(a, kvh, i0, i1);
+    } else {
+      AttentionArgs b;
+      if (widen_kv(a, kvh, a.causal ? std::min(a.n_kv, a.q_pos0 + i1) : a.n_kv, &b))
+        t.attn_task(b, kvh, i0, i1);
+      else
+        ok = false;
+    }
   });
-  return Status::kOk;
+  return ok ? Status::kOk : Status::kOutOfMemory;
 }
 
 bool attention_bf16_available() { return impl::active_table().attn_bf16_task != nullptr; }

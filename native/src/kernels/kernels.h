@@ -58,6 +58,9 @@ std::vector<Isa> available_isas();  // every ISA usable on this machine, scalar 
 // ---------------------------------------------------------------------------------------------------
 float fp16_to_fp32(uint16_t h);
 uint16_t fp32_to_fp16(float f);  // round to nearest even
+// Rows of n values (the KV cache's fp16 storage); same results as the scalar helpers on every ISA.
+void fp16_to_fp32_n(const uint16_t* x, float* y, int64_t n);
+void fp32_to_fp16_n(const float* x, uint16_t* y, int64_t n);
 
 // ---------------------------------------------------------------------------------------------------
 // 1. W8A8 GEMM (prefill "NPU lane") + shadow outliers ("CPU lane")
@@ -274,6 +277,11 @@ struct AttentionArgs {
   int64_t n_heads = 0, n_kv_heads = 0, head_dim = 0;
   bool causal = true;
   float scale = 0.f;
+  // fp16 K and V (IEEE binary16, same ld / head strides in elements): when set, k and v are not read.
+  // Each task widens the rows it needs to fp32 first, so the result equals fp32 attention on the
+  // fp16-rounded keys and values.
+  const uint16_t* k16 = nullptr;
+  const uint16_t* v16 = nullptr;
   // Permits bf16 Q, K, V and probabilities (fp32 accumulation, scores and softmax) on CPUs with AVX512-BF16 (AMX-BF16 tiles, else vdpbf16ps),
   // for calls with at least 16 query rows per kv head and head_dim a multiple of 32; fp32 otherwise.
   bool allow_bf16 = false;

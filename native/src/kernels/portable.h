@@ -477,6 +477,13 @@ void p_attn_task(const AttentionArgs& a, int64_t kvh, int64_t i0, int64_t i1) {
 }
 
 // A table filled with the portable entries (ISA files override what they accelerate).
+inline void p_f16_to_f32(const uint16_t* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = fp16_to_fp32(x[i]);
+}
+inline void p_f32_to_f16(const float* x, uint16_t* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = fp32_to_fp16(x[i]);
+}
+
 inline KernelTable portable_table(Isa isa) {
   KernelTable t;
   t.isa = isa;
@@ -500,6 +507,8 @@ inline KernelTable portable_table(Isa isa) {
   t.swiglu = p_swiglu_n;
   t.rope_row = p_rope_row;
   t.attn_task = p_attn_task;
+  t.f16_to_f32 = p_f16_to_f32;
+  t.f32_to_f16 = p_f32_to_f16;
   return t;
 }
 

@@ -236,6 +236,20 @@ void f32_gemm(const F32GemmArgs& g, int64_t p0, int64_t p1) {
   }
 }
 
+// fp16 rows with F16C (round to nearest even, as the scalar helper).
+void f16_to_f32(const uint16_t* x, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
+  for (; i < n; ++i) y[i] = fp16_to_fp32(x[i]);
+}
+void f32_to_f16(const float* x, uint16_t* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) y[i] = fp32_to_fp16(x[i]);
+}
+
 }  // namespace
 
 const KernelTable* table_avx2() {
@@ -245,6 +259,8 @@ const KernelTable* table_avx2() {
     k.woq_int4 = woq_int4;
     k.woq_int8 = woq_int8;
     k.f32_gemm = f32_gemm;
+    k.f16_to_f32 = f16_to_f32;
+    k.f32_to_f16 = f32_to_f16;
     return k;
   }();
   return &t;

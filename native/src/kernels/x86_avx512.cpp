@@ -224,6 +224,20 @@ void w8a8_shadow(const ShadowArgs& s, int64_t n0, int64_t n1) {
 // ------------------------------------------------------------------------------------------------
 // Weight-only activation quantization
 // ------------------------------------------------------------------------------------------------
+// fp16 rows (round to nearest even, as the scalar helper).
+void f16_to_f32(const uint16_t* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    _mm512_mask_storeu_ps(y + i, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, x + i)));
+  }
+}
+void f32_to_f16(const float* x, uint16_t* y, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    _mm256_mask_storeu_epi16(y + i, m, _mm512_cvtps_ph(_mm512_maskz_loadu_ps(m, x + i), _MM_FROUND_TO_NEAREST_INT));
+  }
+}
+
 void woq_quant_row(const float* x, int64_t K, int64_t QB, int8_t* q, float* d, int32_t* asum) {
   const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   for (int64_t b = 0; b * QB < K; ++b) {
@@ -507,6 +521,8 @@ const KernelTable* table_avx512() {
     k.w8a8_gemm_fuses_shadow = true;
     k.w8a8_shadow = w8a8_shadow;
     k.woq_quant_row = woq_quant_row;
+    k.f16_to_f32 = f16_to_f32;
+    k.f32_to_f16 = f32_to_f16;
     k.woq_int4 = woq_int4;
     k.woq_int8 = woq_int8;
     if (avx512_vbmi_supported()) {
