@@ -634,8 +634,8 @@ def test_attention_option_auto_follows_the_linears_and_the_ab_tool_reports_each_
 def test_decode_ab_tool_interleaves_two_bundles_in_process_and_across_libraries(bundles, native_lib, tmp_path):
     from edgemm.bench.decode_ab import measure
 
-    rep = measure(bundles["w8a8-int4"], bundles["int8"], rounds=2, tokens=4, threads=1)
-    assert len(rep["a_tok_s"]) == len(rep["b_tok_s"]) == 2 and min(rep["a_tok_s"] + rep["b_tok_s"]) > 0
+    rep = measure(bundles["w8a8-int4"], bundles["int8"], rounds=2, tokens=4, threads=1, context=50)
+    assert len(rep["a_tok_s"]) == len(rep["b_tok_s"]) == 2 and min(rep["a_tok_s"] + rep["b_tok_s"]) > 0 and rep["context"] == 50
     assert rep["ratio_of_medians"] == round(rep["b_median"] / rep["a_median"], 3)
     lib = str(native_lib)
     rep = measure(bundles["w8a8-int4"], bundles["int8"], rounds=1, tokens=4, threads=1, libs=[lib, lib])
