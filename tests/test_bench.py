@@ -95,6 +95,13 @@ def test_fractions_use_real_work():
     assert int8_gmacs_per_core({"avx512_vnni", "amx_int8"}) == AMX_INT8_GMACS_PER_CORE
     b = decode_bytes_per_token(cfg.text, "llamacpp", "q8_0", 0)
     assert fr["bandwidth_fraction"] == pytest.approx(b * 10 / 29e9, rel=1e-3)
+    # the KV element size a runtime reports (the native engine's fp16 cache) replaces the table's
+    t = cfg.text
+    kv_elems = 100 * t.num_layers * 2 * t.num_kv_heads * t.head_dim
+    w = decode_bytes_per_token(t, "native", "w8a8-int4", 0, weight_bytes=1e6)
+    assert w == 1e6
+    assert decode_bytes_per_token(t, "native", "w8a8-int4", 100, weight_bytes=1e6) == 1e6 + 4 * kv_elems
+    assert decode_bytes_per_token(t, "native", "w8a8-int4", 100, weight_bytes=1e6, kv_bytes=2) == 1e6 + 2 * kv_elems
 
 
 @pytest.mark.parametrize("args, msg", [

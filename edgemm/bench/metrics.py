@@ -38,7 +38,8 @@ WEIGHT_BYTES = {
     ("llamacpp", "q8_0"): (34 / 32, 34 / 32, 2),  # KV cache f16 (llama.cpp's default)
     ("llamacpp", "q4_0"): (18 / 32, 34 / 32, 2),  # the exporter keeps the output matrix at Q8_0
 }
-# native: the weights come from the model file (edgemm.bench.worker.native_decode_bytes); KV cache fp32
+# native: the weights and the KV element size come from the engine (decode_weight_bytes, kv_cache: fp16
+# under attention "auto" for quantized models, else fp32)
 
 
 def linear_macs_per_token(t) -> int:
@@ -123,13 +124,16 @@ def int8_peak_gmacs(threads: int, per_core: float | None = None) -> float:
     return (int8_gmacs_per_core() if per_core is None else per_core) * max(1, min(threads, MAX_CORES))
 
 
-def decode_bytes_per_token(t, runtime: str, precision: str, context: float, weight_bytes: float | None = None) -> float | None:
+def decode_bytes_per_token(t, runtime: str, precision: str, context: float, weight_bytes: float | None = None,
+                           kv_bytes: int | None = None) -> float | None:
     """Bytes read per decoded token at an average KV context; None for an unknown storage type.
-    `weight_bytes` (measured from the exported file) replaces the table's weights when given."""
+    `weight_bytes` (measured from the exported file) replaces the table's weights when given, `kv_bytes`
+    (bytes per KV-cache element, as the runtime reports it) the table's KV element size."""
     key = (runtime, precision)
     if key not in WEIGHT_BYTES and weight_bytes is None:
         return None
     wb, hb, kvb = WEIGHT_BYTES.get(key, (None, None, 4))
+    kvb = kv_bytes or kvb
     d = t.hidden_size
     per_layer = d * t.num_heads * t.head_dim + 2 * d * t.num_kv_heads * t.head_dim + t.num_heads * t.head_dim * d \
         + 3 * d * t.intermediate_size
@@ -152,7 +156,7 @@ def fractions(result: dict, cfg, threads: int, runtime: str, precision: str, wei
     dec = result.get("decode_tok_s")
     ctx = result.get("decode_context_avg")
     if dec and ctx is not None:
-        b = decode_bytes_per_token(t, runtime, precision, ctx, weight_bytes)
+        b = decode_bytes_per_token(t, runtime, precision, ctx, weight_bytes, result.get("kv_bytes_per_element"))
         if b is not None:
             out["bandwidth_fraction"] = round(b * dec / (READ_BANDWIDTH_GBS * 1e9), 4)
             out["decode_bytes_per_token"] = int(b)

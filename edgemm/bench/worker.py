@@ -281,6 +281,10 @@ class NativeRunner(Runner):
         """The engine's count of the packed weights one decode step reads (2:4 layers at their packed size)."""
         return int(self.full.model.info()["decode_weight_bytes"])
 
+    def kv_bytes_per_element(self) -> int:
+        """2 with the engine's fp16 KV cache, 4 with fp32 (`info()["kv_cache"]`)."""
+        return 2 if self.full.model.info().get("kv_cache") == "fp16" else 4
+
     def ttft(self, image, pruned):
         sess = self.pruned if pruned else self.full
         sess.generate(image, QUESTION, max_new_tokens=1)
@@ -360,6 +364,8 @@ def measure(job: dict) -> dict:
         res["ttft_ms"] = {k: v["ttft_ms"] for k, v in tt.items()}
     if hasattr(runner, "decode_weight_bytes"):
         res["decode_weight_bytes"] = runner.decode_weight_bytes()
+    if hasattr(runner, "kv_bytes_per_element"):
+        res["kv_bytes_per_element"] = runner.kv_bytes_per_element()
     res["peak_rss_mb"] = peak_rss_mb()
     # how much of its threads' time the process actually got: near 1 on a quiet machine; far below 1 means
     # the machine was shared and every rate above is proportionally low
