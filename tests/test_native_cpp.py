@@ -64,7 +64,8 @@ def test_release_build_and_ctest(tools):
     out = _run(["ctest", "--test-dir", str(build), "--output-on-failure", "-j", "1"], 600)
     assert "100% tests passed" in out, out[-2000:]
     names = set(re.findall(r"Test\s+#\d+: (\S+)", out))
-    for want in ("engine.e2e", "engine.tokens", "engine.malformed", "engine.fuzz", "kernels.w8a8"):
+    for want in ("engine.e2e", "engine.tokens", "engine.malformed", "engine.fuzz", "kernels.w8a8", "kernels.sparse",
+                 "kernels.attn_bf16", "kernels.attn_fp16kv"):
         assert want in names, f"ctest did not run {want}: {sorted(names)}"
     # The shared library exports the C ABI only.
     lib = next(build.glob("libedgemm.*"))
