@@ -26,16 +26,6 @@ from ..errors import EdgemmError
 PROMPT = "describe a red circle and a blue square " * 4
 
 
-def _model_file(bundle: Path) -> Path:
-    from ..runtimes.native_runtime import _artifact
-
-    try:
-        manifest = json.loads((bundle / "manifest.json").read_text())
-    except (OSError, ValueError) as e:
-        raise EdgemmError(f"cannot read {bundle / 'manifest.json'}: {e}") from None
-    return bundle / _artifact(manifest)["file"]
-
-
 def prompt_of(model, context: int) -> str:
     """PROMPT repeated until it is at least `context` tokens long."""
     p = PROMPT
@@ -47,10 +37,11 @@ def prompt_of(model, context: int) -> str:
 def run_rounds(bundles: list[Path], rounds: int, tokens: int, threads: int, context: int = 0) -> list[list[float]]:
     """Decode tok/s per bundle per round, bundles alternating within each round (this process's library)."""
     from .. import _native
+    from ..export.native import model_path
 
     sessions = []
     for b in bundles:
-        m = _native.Model(_model_file(b), n_threads=threads)
+        m = _native.Model(model_path(b), n_threads=threads)
         sessions.append((m, _native.Session(m)))
     prompt = prompt_of(sessions[0][0], context)
     out: list[list[float]] = [[] for _ in bundles]
@@ -75,9 +66,11 @@ def summarize(a: list[float], b: list[float]) -> dict:
 
 def measure(bundle_a: Path, bundle_b: Path, rounds: int = 8, tokens: int = 48, threads: int = 2,
             libs: Optional[list[str]] = None, context: int = 0) -> dict:
+    from ..export.native import model_path
+
     bundles = [Path(bundle_a), Path(bundle_b)]
     for b in bundles:
-        _model_file(b)  # a clear error before any subprocess starts
+        model_path(b)  # a clear error before any subprocess starts
     rep = {"bundle_a": str(bundle_a), "bundle_b": str(bundle_b), "rounds": rounds, "tokens": tokens, "threads": threads,
            "context": context}
     if not libs:

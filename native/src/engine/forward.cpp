@@ -1,4 +1,3 @@
-#include <cstdio>
 // EdgeVLM forward: ViT, projector, decoder chunk, session evaluation.
 #include <algorithm>
 #include <cmath>

@@ -200,12 +200,8 @@ void woq_sparse(const WoqGemmArgs& g, int64_t b0, int64_t b1) {
   const int64_t slab = layout::sp24_slab_bytes(w.format), coff = layout::sp24_code_offset(w.format);
   const uint8x16_t nib = vdupq_n_u8(0x0f), flip = vdupq_n_u8(0x80);
   const uint32x4_t seven = vdupq_n_u32(7), pg = vdupq_n_u32(0x18100800u);
-  // Table index t = code | p << 3 | g << 4 -> position 4g + (p ? second : first)(code) in the 8 inputs.
-  uint8_t tix[32];
-  for (int t = 0; t < 32; ++t) {
-    const int code = t & 7, p = (t >> 3) & 1, gg = (t >> 4) & 1;
-    tix[t] = uint8_t(4 * gg + (p ? layout::kPairSecond[code] : layout::kPairFirst[code]));
-  }
+  uint8_t tix[32];  // table entry -> position in the 8 inputs (layout::sp24_table_pos)
+  for (int t = 0; t < 32; ++t) tix[t] = layout::sp24_table_pos(t);
   const uint8x16_t tix0 = vld1q_u8(tix), tix1 = vld1q_u8(tix + 16);
   // Rows 4i..4i+3's code words (12 bytes) -> four 32-bit lanes.
   const uint8_t wv_ix[16] = {0, 1, 2, 255, 3, 4, 5, 255, 6, 7, 8, 255, 9, 10, 11, 255};

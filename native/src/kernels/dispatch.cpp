@@ -425,18 +425,12 @@ bool widen_kv(const AttentionArgs& a, int64_t kvh, int64_t T, AttentionArgs* b) 
   const int64_t D = a.head_dim;
   if (!kw.resize(size_t(T * D)) || !vw.resize(size_t(T * D))) return false;
   const impl::KernelTable& t = impl::active_table();
-  const uint16_t* ks = a.k16 + kvh * a.k_head_stride;
-  const uint16_t* vs = a.v16 + kvh * a.v_head_stride;
-  if (a.k_ld == D) {
-    t.f16_to_f32(ks, kw.data(), T * D);
-  } else {
-    for (int64_t r = 0; r < T; ++r) t.f16_to_f32(ks + r * a.k_ld, kw.data() + r * D, D);
-  }
-  if (a.v_ld == D) {
-    t.f16_to_f32(vs, vw.data(), T * D);
-  } else {
-    for (int64_t r = 0; r < T; ++r) t.f16_to_f32(vs + r * a.v_ld, vw.data() + r * D, D);
-  }
+  auto widen = [&](const uint16_t* src, int64_t ld, float* dst) {
+    if (ld == D) return t.f16_to_f32(src, dst, T * D);
+    for (int64_t r = 0; r < T; ++r) t.f16_to_f32(src + r * ld, dst + r * D, D);
+  };
+  widen(a.k16 + kvh * a.k_head_stride, a.k_ld, kw.data());
+  widen(a.v16 + kvh * a.v_head_stride, a.v_ld, vw.data());
   *b = a;
   b->k = kw.data();
   b->v = vw.data();
@@ -460,8 +454,9 @@ Status attention(const AttentionArgs& a, ThreadPool* pool) {
   const int64_t rows_per_task = 32;
   const int64_t row_tasks = (a.n_q + rows_per_task - 1) / rows_per_task;
   const int64_t n_tasks = a.n_kv_heads * row_tasks;
-  // Keys past the last query's causal limit are never read.
-  const int64_t T_all = a.causal ? std::min(a.n_kv, a.q_pos0 + a.n_q) : a.n_kv;
+  // Keys past the causal limit of the last of `rows` query rows are never read.
+  auto keys = [&](int64_t rows) { return a.causal ? std::min(a.n_kv, a.q_pos0 + rows) : a.n_kv; };
+  const int64_t T_all = keys(a.n_q);
   // bf16 path: K and V of every kv head to bf16 tiles first; falls back to fp32 if the buffers cannot
   // be had.
   const uint16_t* kp = nullptr;
@@ -499,7 +494,7 @@ Status attention(const AttentionArgs& a, ThreadPool* pool) {
       t.attn_task(a, kvh, i0, i1);
     } else {
       AttentionArgs b;
-      if (widen_kv(a, kvh, a.causal ? std::min(a.n_kv, a.q_pos0 + i1) : a.n_kv, &b))
+      if (widen_kv(a, kvh, keys(i1), &b))
         t.attn_task(b, kvh, i0, i1);
       else
         ok = false;

@@ -109,9 +109,9 @@ struct KernelTable {
   WoqGemmFn woq_int8;
   WoqGemmFn woq_int4_sp;
   WoqGemmFn woq_int8_sp;
-  WoqSpTabFn woq_sp_tab = nullptr;
-  void (*f16_to_f32)(const uint16_t* x, float* y, int64_t n);
-  void (*f32_to_f16)(const float* x, uint16_t* y, int64_t n);  // builds WoqAct::sp_tab for one row (set where the 2:4 kernels use it)
+  WoqSpTabFn woq_sp_tab = nullptr;  // builds WoqAct::sp_tab for one row (set where the 2:4 kernels use it)
+  void (*f16_to_f32)(const uint16_t* x, float* y, int64_t n);  // KV-cache rows
+  void (*f32_to_f16)(const float* x, uint16_t* y, int64_t n);
   F32GemmFn f32_gemm;
   RmsNormRowFn rmsnorm_row;
   LayerNormRowFn layernorm_row;

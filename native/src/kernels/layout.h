@@ -20,6 +20,12 @@ inline int pair_code(int i1, int i2) {  // i1 < i2, both in 0..3
 // A 2:4 slab (16 rows x 32 inputs): the kept values (int4: 2 x 64 B of nibbles; int8: 4 x 64 B), then
 // at sp24_code_offset 16 x 3 bytes of pattern codes (row r: a 24-bit little-endian word at byte 3r,
 // code of inputs 4t..4t+3 at bits 3t).
+// The 2:4 gather tables (WoqAct::sp_tab, NEON's per-step table): entry t = code | p << 3 | g << 4 holds
+// the activation at position 4g + (p ? second : first)(code) of its 8 inputs.
+inline uint8_t sp24_table_pos(int t) {
+  const int code = t & 7, p = (t >> 3) & 1, g = (t >> 4) & 1;
+  return uint8_t(4 * g + (p ? kPairSecond[code] : kPairFirst[code]));
+}
 inline int64_t sp24_code_offset(WFormat f) { return f == WFormat::kInt4 ? 128 : 256; }
 inline int64_t sp24_slab_bytes(WFormat f) { return sp24_code_offset(f) + 48; }
 

@@ -21,10 +21,7 @@ bool avx512_vbmi_supported() { return cpu_features().avx512vbmi; }
 void avx512vbmi_woq_sp_tab(const int8_t* q, int64_t K, int8_t* tab) {
   // Two 8-input chunks per vpermb: output bytes 0-31 from q[0..8), 32-63 from q[8..16).
   alignas(64) uint8_t ix[64];
-  for (int t = 0; t < 64; ++t) {
-    const int code = t & 7, p = (t >> 3) & 1, g = (t >> 4) & 1;
-    ix[t] = uint8_t(8 * (t >> 5) + 4 * g + (p ? layout::kPairSecond[code] : layout::kPairFirst[code]));
-  }
+  for (int t = 0; t < 64; ++t) ix[t] = uint8_t(8 * (t >> 5) + layout::sp24_table_pos(t & 31));
   const __m512i idx = _mm512_load_si512(ix);
   for (int64_t c = 0; c < K / 8; c += 2) {  // K is a multiple of 32 (woq_prepare: G % 32 == 0, K % G == 0)
     const __m512i a = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 8 * c)));
