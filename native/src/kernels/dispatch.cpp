@@ -451,7 +451,7 @@ Status attention(const AttentionArgs& a, ThreadPool* pool) {
   EDGEMM_CHECK(a.k_ld >= a.head_dim && a.v_ld >= a.head_dim);
   EDGEMM_CHECK(a.k_head_stride >= 0 && a.v_head_stride >= 0);
   const impl::KernelTable& t = impl::active_table();
-  const int64_t rows_per_task = 32;
+  const int64_t rows_per_task = 32, grp = a.n_heads / a.n_kv_heads;
   const int64_t row_tasks = (a.n_q + rows_per_task - 1) / rows_per_task;
   const int64_t n_tasks = a.n_kv_heads * row_tasks;
   // Keys past the causal limit of the last of `rows` query rows are never read.
@@ -492,6 +492,8 @@ Status attention(const AttentionArgs& a, ThreadPool* pool) {
       t.attn_bf16_task(a, kp + size_t(kvh) * per_head, vp + size_t(kvh) * per_head, kvh, i0, i1);
     } else if (!f16) {
       t.attn_task(a, kvh, i0, i1);
+    } else if (t.attn_task_f16 && grp * (i1 - i0) < impl::kAttnFewRows && t.attn_task_f16(a, kvh, i0, i1)) {
+      // decode: fp16 rows read in place
     } else {
       AttentionArgs b;
       if (widen_kv(a, kvh, keys(i1), &b))

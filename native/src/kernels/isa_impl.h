@@ -87,10 +87,13 @@ using RopeRowFn = void (*)(float* x, int64_t n_heads, int64_t head_dim, int64_t 
                            const float* sin);
 // Attention for one task: kv head `kvh`, query rows [i0, i1) of every q-head of the group.
 using AttnTaskFn = void (*)(const AttentionArgs&, int64_t kvh, int64_t i0, int64_t i1);
+using AttnTaskF16Fn = bool (*)(const AttentionArgs&, int64_t kvh, int64_t i0, int64_t i1);  // false: out of memory
 // BF16 attention (AttentionArgs::allow_bf16): keys [0, T) of kv head `kvh` packed into `kp`/`vp`
 // (each kAttnBf16Pad-rounded T x head_dim bf16, layouts in x86_amx.cpp / x86_avx512_bf16.cpp), then tasks as AttnTaskFn
 // reading the packed head.
 constexpr int64_t kAttnBf16Pad = 32;
+// Tasks with fewer than kAttnFewRows (query rows x heads per kv head) take the per-row path (decode).
+constexpr int64_t kAttnFewRows = 16;
 inline int64_t attn_bf16_padded(int64_t T) { return (T + kAttnBf16Pad - 1) / kAttnBf16Pad * kAttnBf16Pad; }
 using WoqSpTabFn = void (*)(const int8_t* q, int64_t K, int8_t* tab);
 using AttnBf16PackFn = void (*)(const AttentionArgs&, int64_t kvh, int64_t T, uint16_t* kp, uint16_t* vp);
@@ -122,6 +125,9 @@ struct KernelTable {
   SwigluFn swiglu;
   RopeRowFn rope_row;
   AttnTaskFn attn_task;
+  // Few-row tasks (< kAttnFewRows) on an fp16 KV cache, reading AttentionArgs::k16/v16 in place (null:
+  // the rows are widened to fp32 first). Same arithmetic as attn_task on the widened rows.
+  AttnTaskF16Fn attn_task_f16 = nullptr;
   AttnBf16PackFn attn_bf16_pack = nullptr;  // both set only where the CPU has AVX512-BF16 (AMX-BF16 tiles or vdpbf16ps)
   AttnBf16TaskFn attn_bf16_task = nullptr;
 };

@@ -537,6 +537,7 @@ const KernelTable* table_avx512() {
     k.gelu_erf = gelu_erf_n;
     k.softmax_row = softmax_row;
     k.attn_task = avx512_attn_task;
+    k.attn_task_f16 = avx512_attn_task_f16;
 #if defined(EDGEMM_HAVE_AVX512BF16)
     if (cpu_features().avx512bf16) {  // the AMX table replaces these where the CPU has AMX-BF16
       k.attn_bf16_pack = avx512bf16_attn_pack;

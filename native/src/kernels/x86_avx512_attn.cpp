@@ -4,11 +4,13 @@
 //    online softmax runs vertically over the lanes (flash-attention style, key blocks of 64), and
 //    O += P V runs per pair of rows with O in registers.
 //  * few rows (decode, small GQA groups): per row, 16 keys at a time with a transpose-reduce of 16 dot
-//    products, two-pass softmax, then O += p V.
+//    products, two-pass softmax, then O += p V. It reads K/V as fp32 or, from an fp16 KV cache, as fp16
+//    widened in registers (vcvtph2ps), which gives the same result as on rows widened beforehand.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "portable.h"
 #include "x86_avx512_common.h"
@@ -39,15 +41,28 @@ EDGEMM_INLINE __m512 hsum16(__m512 (&v)[16]) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
 }
 
-template <int ND>
-void attn_rows_direct(const AttentionArgs& a, int64_t kvh, int64_t i0, int64_t i1) {
+EDGEMM_INLINE __m512 load_kv(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+EDGEMM_INLINE __m512 load_kv(const uint16_t* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+
+// KV = float (a.k / a.v) or uint16_t (fp16, a.k16 / a.v16). False if the score buffer cannot be had.
+template <int ND, typename KV>
+bool attn_rows_direct(const AttentionArgs& a, int64_t kvh, int64_t i0, int64_t i1) {
   const int64_t grp = a.n_heads / a.n_kv_heads, D = a.head_dim;
   const __mmask16 dm = tail_mask(D - (ND - 1) * 16);
   thread_local AlignedBuffer<float> sbuf;
-  if (!sbuf.resize(size_t(a.n_kv + 16))) return p_attn_task(a, kvh, i0, i1);
+  if (!sbuf.resize(size_t(a.n_kv + 16))) return false;
   float* s = sbuf.data();
-  const float* kb = a.k + kvh * a.k_head_stride;
-  const float* vb = a.v + kvh * a.v_head_stride;
+  const KV* kb;
+  const KV* vb;
+  if constexpr (std::is_same_v<KV, float>) {
+    kb = a.k + kvh * a.k_head_stride;
+    vb = a.v + kvh * a.v_head_stride;
+  } else {
+    kb = a.k16 + kvh * a.k_head_stride;
+    vb = a.v16 + kvh * a.v_head_stride;
+  }
   for (int64_t hh = 0; hh < grp; ++hh) {
     const int64_t h = kvh * grp + hh;
     for (int64_t i = i0; i < i1; ++i) {
@@ -68,11 +83,11 @@ void attn_rows_direct(const AttentionArgs& a, int64_t kvh, int64_t i0, int64_t i
         __m512 acc[16];
 #pragma GCC unroll 16
         for (int tt = 0; tt < 16; ++tt) {
-          const float* kr = kb + std::min<int64_t>(t0 + tt, T - 1) * a.k_ld;
-          __m512 s0 = _mm512_mul_ps(qv[0], _mm512_maskz_loadu_ps(ND == 1 ? dm : __mmask16(0xffff), kr));
+          const KV* kr = kb + std::min<int64_t>(t0 + tt, T - 1) * a.k_ld;
+          __m512 s0 = _mm512_mul_ps(qv[0], load_kv(kr, ND == 1 ? dm : __mmask16(0xffff)));
 #pragma GCC unroll 16
           for (int j = 1; j < ND; ++j)
-            s0 = _mm512_fmadd_ps(qv[j], _mm512_maskz_loadu_ps(j == ND - 1 ? dm : __mmask16(0xffff), kr + 16 * j), s0);
+            s0 = _mm512_fmadd_ps(qv[j], load_kv(kr + 16 * j, j == ND - 1 ? dm : __mmask16(0xffff)), s0);
           acc[tt] = s0;
         }
         const __mmask16 tm = tail_mask(nt);
@@ -91,17 +106,18 @@ void attn_rows_direct(const AttentionArgs& a, int64_t kvh, int64_t i0, int64_t i
       __m512 o[ND];
       for (int j = 0; j < ND; ++j) o[j] = _mm512_setzero_ps();
       for (int64_t t = 0; t < T; ++t) {
-        const float* vr = vb + t * a.v_ld;
+        const KV* vr = vb + t * a.v_ld;
         const __m512 p = _mm512_set1_ps(s[t]);
 #pragma GCC unroll 16
         for (int j = 0; j < ND; ++j)
-          o[j] = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(j == ND - 1 ? dm : __mmask16(0xffff), vr + 16 * j), o[j]);
+          o[j] = _mm512_fmadd_ps(p, load_kv(vr + 16 * j, j == ND - 1 ? dm : __mmask16(0xffff)), o[j]);
       }
       const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(lsum));
       for (int j = 0; j < ND; ++j)
         _mm512_mask_storeu_ps(out + 16 * j, j == ND - 1 ? dm : __mmask16(0xffff), _mm512_mul_ps(o[j], inv));
     }
   }
+  return true;
 }
 
 constexpr int64_t kKeyBlock = 64;
@@ -243,34 +259,43 @@ void attn_rows_block(const AttentionArgs& a, int64_t kvh, int64_t i0, int64_t i1
 template <int ND>
 void attn_nd(const AttentionArgs& a, int64_t kvh, int64_t i0, int64_t i1) {
   const int64_t grp = a.n_heads / a.n_kv_heads;
-  if (grp * (i1 - i0) < 16)
-    attn_rows_direct<ND>(a, kvh, i0, i1);
-  else
+  if (grp * (i1 - i0) >= kAttnFewRows)
     attn_rows_block<ND>(a, kvh, i0, i1);
+  else if (!attn_rows_direct<ND, float>(a, kvh, i0, i1))
+    p_attn_task(a, kvh, i0, i1);
 }
+
+template <int ND>
+bool attn_nd_f16(const AttentionArgs& a, int64_t kvh, int64_t i0, int64_t i1) {
+  return attn_rows_direct<ND, uint16_t>(a, kvh, i0, i1);
+}
+
+// head_dim rounded up to a multiple of 16 -> the ND instantiation of `fn`.
+#define EDGEMM_ATTN_BY_ND(fn)                                          \
+  switch ((a.head_dim + 15) / 16) {                                    \
+    case 1: return fn<1>(a, kvh, i0, i1);                              \
+    case 2: return fn<2>(a, kvh, i0, i1);                              \
+    case 3: return fn<3>(a, kvh, i0, i1);                              \
+    case 4: return fn<4>(a, kvh, i0, i1);                              \
+    case 5: return fn<5>(a, kvh, i0, i1);                              \
+    case 6: return fn<6>(a, kvh, i0, i1);                              \
+    case 7: return fn<7>(a, kvh, i0, i1);                              \
+    case 8: return fn<8>(a, kvh, i0, i1);                              \
+    case 9: return fn<9>(a, kvh, i0, i1);                              \
+    case 10: return fn<10>(a, kvh, i0, i1);                            \
+    case 11: return fn<11>(a, kvh, i0, i1);                            \
+    case 12: return fn<12>(a, kvh, i0, i1);                            \
+    case 13: return fn<13>(a, kvh, i0, i1);                            \
+    case 14: return fn<14>(a, kvh, i0, i1);                            \
+    case 15: return fn<15>(a, kvh, i0, i1);                            \
+    default: return fn<16>(a, kvh, i0, i1);                            \
+  }
 
 }  // namespace
 
-void avx512_attn_task(const AttentionArgs& a, int64_t kvh, int64_t i0, int64_t i1) {
-  switch ((a.head_dim + 15) / 16) {
-    case 1: return attn_nd<1>(a, kvh, i0, i1);
-    case 2: return attn_nd<2>(a, kvh, i0, i1);
-    case 3: return attn_nd<3>(a, kvh, i0, i1);
-    case 4: return attn_nd<4>(a, kvh, i0, i1);
-    case 5: return attn_nd<5>(a, kvh, i0, i1);
-    case 6: return attn_nd<6>(a, kvh, i0, i1);
-    case 7: return attn_nd<7>(a, kvh, i0, i1);
-    case 8: return attn_nd<8>(a, kvh, i0, i1);
-    case 9: return attn_nd<9>(a, kvh, i0, i1);
-    case 10: return attn_nd<10>(a, kvh, i0, i1);
-    case 11: return attn_nd<11>(a, kvh, i0, i1);
-    case 12: return attn_nd<12>(a, kvh, i0, i1);
-    case 13: return attn_nd<13>(a, kvh, i0, i1);
-    case 14: return attn_nd<14>(a, kvh, i0, i1);
-    case 15: return attn_nd<15>(a, kvh, i0, i1);
-    default: return attn_nd<16>(a, kvh, i0, i1);
-  }
-}
+void avx512_attn_task(const AttentionArgs& a, int64_t kvh, int64_t i0, int64_t i1) { EDGEMM_ATTN_BY_ND(attn_nd) }
+bool avx512_attn_task_f16(const AttentionArgs& a, int64_t kvh, int64_t i0, int64_t i1) { EDGEMM_ATTN_BY_ND(attn_nd_f16) }
+#undef EDGEMM_ATTN_BY_ND
 
 }  // namespace impl
 }  // namespace kernels

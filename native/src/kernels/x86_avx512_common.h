@@ -25,6 +25,7 @@ EDGEMM_INLINE void prefetch_group(const uint8_t* group, int64_t group_bytes, int
 
 // Defined in x86_avx512_attn.cpp: the fp32 attention task.
 void avx512_attn_task(const AttentionArgs& a, int64_t kvh, int64_t i0, int64_t i1);
+bool avx512_attn_task_f16(const AttentionArgs& a, int64_t kvh, int64_t i0, int64_t i1);
 // Defined in x86_avx512_bf16.cpp (compiled when the compiler has -mavx512bf16: EDGEMM_HAVE_AVX512BF16):
 // bf16 attention with vdpbf16ps, for AVX512_BF16 CPUs without AMX-BF16.
 void avx512bf16_attn_pack(const AttentionArgs& a, int64_t kvh, int64_t T, uint16_t* kp, uint16_t* vp);
