@@ -80,12 +80,12 @@ EDGEMM_INLINE void sparse_rows(const WoqGemmArgs& g, const uint8_t* base, int64_
       for (int64_t s = 0; s < QB / 32; ++s) {
         const uint8_t* sp = gp + (bb * (QB / 32) + s) * slab;
         __m512i wv[4];
-        if (kInt4) {
+        if (kInt4) {  // odd steps keep the high nibble in place (16x): acc[1] is scaled back per block
           const __m512i va = _mm512_loadu_si512(sp), vb = _mm512_loadu_si512(sp + 64);
           wv[0] = _mm512_and_si512(va, nib);
-          wv[1] = _mm512_and_si512(_mm512_srli_epi16(va, 4), nib);
+          wv[1] = _mm512_andnot_si512(nib, va);
           wv[2] = _mm512_and_si512(vb, nib);
-          wv[3] = _mm512_and_si512(_mm512_srli_epi16(vb, 4), nib);
+          wv[3] = _mm512_andnot_si512(nib, vb);
         } else {
           for (int st = 0; st < 4; ++st) wv[st] = _mm512_loadu_si512(sp + st * 64);
         }
@@ -105,7 +105,7 @@ EDGEMM_INLINE void sparse_rows(const WoqGemmArgs& g, const uint8_t* base, int64_
       }
       const int64_t b = gi * bpg + bb;
       for (int i = 0; i < MT; ++i)
-        tsum[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(acc[0][i], acc[1][i]),
+        tsum[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(acc[0][i], kInt4 ? _mm512_srai_epi32(acc[1][i], 4) : acc[1][i]),  // exact: 16 x sum
                                                                      _mm512_add_epi32(zacc[0][i], zacc[1][i]))),
                                   _mm512_set1_ps(d[i][b]), tsum[i]);
     }
