@@ -462,7 +462,7 @@ Status attention(const AttentionArgs& a, ThreadPool* pool) {
   const uint16_t* kp = nullptr;
   const uint16_t* vp = nullptr;
   const size_t per_head = size_t(impl::attn_bf16_padded(a.n_kv) * a.head_dim);
-  if (a.allow_bf16 && t.attn_bf16_task && a.head_dim % 32 == 0 && a.n_q * (a.n_heads / a.n_kv_heads) >= 16) {
+  if (a.allow_bf16 && t.attn_bf16_task && a.head_dim % 32 == 0 && a.n_q * grp >= 16) {
     thread_local AlignedBuffer<uint16_t> kbuf, vbuf;
     if (kbuf.resize(per_head * size_t(a.n_kv_heads)) && vbuf.resize(per_head * size_t(a.n_kv_heads))) {
       uint16_t* kw = kbuf.data();

@@ -278,7 +278,8 @@ struct AttentionArgs {
   bool causal = true;
   float scale = 0.f;
   // fp16 K and V (IEEE binary16, same ld / head strides in elements): when set, k and v are not read.
-  // Each task widens the rows it needs to fp32 first, so the result equals fp32 attention on the
+  // Decode-shaped tasks widen them in registers where the ISA can (KernelTable::attn_task_f16), others
+  // widen the rows they need to fp32 first; either way the result equals fp32 attention on the
   // fp16-rounded keys and values.
   const uint16_t* k16 = nullptr;
   const uint16_t* v16 = nullptr;

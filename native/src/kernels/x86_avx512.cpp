@@ -228,7 +228,7 @@ void w8a8_shadow(const ShadowArgs& s, int64_t n0, int64_t n1) {
 void f16_to_f32(const uint16_t* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = tail_mask(n - i);
-    _mm512_mask_storeu_ps(y + i, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, x + i)));
+    _mm512_mask_storeu_ps(y + i, m, load_fp16(x + i, m));
   }
 }
 void f32_to_f16(const float* x, uint16_t* y, int64_t n) {

@@ -42,9 +42,7 @@ EDGEMM_INLINE __m512 hsum16(__m512 (&v)[16]) {
 }
 
 EDGEMM_INLINE __m512 load_kv(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-EDGEMM_INLINE __m512 load_kv(const uint16_t* p, __mmask16 m) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-}
+EDGEMM_INLINE __m512 load_kv(const uint16_t* p, __mmask16 m) { return load_fp16(p, m); }
 
 // KV = float (a.k / a.v) or uint16_t (fp16, a.k16 / a.v16). False if the score buffer cannot be had.
 template <int ND, typename KV>

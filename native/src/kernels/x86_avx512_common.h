@@ -82,6 +82,9 @@ EDGEMM_INLINE __mmask16 tail_mask(int64_t rem) {
   return rem >= 16 ? __mmask16(0xffff) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1);
 }
 
+// 16 fp16 values (masked lanes: 0) widened to fp32, exact.
+EDGEMM_INLINE __m512 load_fp16(const uint16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+
 // W8A8 codes (kernels.h contract) of the activations xr[k .. k+16) under mask lm (masked lanes: code 0):
 // clamp(round_half_even(x / s_a), -128, 127), true division; every clipped element is appended to
 // *outliers as (row, k, x - code * s_a). Shared by the VNNI and AMX quantizers (one numeric contract).
